@@ -1,0 +1,204 @@
+"""Load and validate retrieval data in the BEIR layout.
+
+A data folder holds `corpus.jsonl` (or `corpus.jsonl.gz`) with `_id`, `text` and an optional `title`,
+`queries.jsonl` with `_id` and `text`, and `qrels/<split>.tsv` with the header `query-id corpus-id score`
+(score a non-negative integer; > 0 relevant, higher more relevant). Every problem raises a `DataError`
+whose one-line message names the file, the line and the fix. Loading only reads: nothing is written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+QRELS_HEADER = ["query-id", "corpus-id", "score"]
+DEFAULT_DOC_TEMPLATE = "{title} {text}"
+
+# Dataset limits of Vertex AI's embedding tuning, quoted by the guide: (what, low, high).
+VERTEX_LIMITS = {
+    "queries": (9, 10_000),
+    "documents": (9, 500_000),
+    "query ids per split": (3, None),
+    "query ids in all splits": (9, None),
+    "labels in all splits": (None, 499_999),
+}
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line: `file:line: problem. Fix: what to do`."""
+
+    def __init__(self, path: Path | str, line: int | None, problem: str, fix: str):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+
+
+@dataclass
+class BeirData:
+    path: Path
+    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
+    queries: dict[str, str]  # query id -> text
+    qrels: dict[str, dict[str, dict[str, int]]]  # split -> query id -> doc id -> score
+
+    def doc_texts(self, template: str = DEFAULT_DOC_TEMPLATE) -> dict[str, str]:
+        """Each document as one string; `template` joins `{title}` and `{text}` (title-less docs get text only)."""
+        return {
+            doc_id: template.format(**doc).strip() if doc["title"] else doc["text"]
+            for doc_id, doc in self.corpus.items()
+        }
+
+    def relevant(self, split: str) -> dict[str, dict[str, int]]:
+        """Labels of one split with score > 0 only."""
+        return {
+            qid: {did: s for did, s in docs.items() if s > 0}
+            for qid, docs in self.qrels[split].items()
+            if any(s > 0 for s in docs.values())
+        }
+
+    def eval_split(self) -> str:
+        """The split evaluation uses: `test`, else `dev`."""
+        for split in ("test", "dev"):
+            if split in self.qrels:
+                return split
+        raise DataError(
+            self.path / "qrels",
+            None,
+            f"no test or dev split (found: {', '.join(sorted(self.qrels)) or 'none'})",
+            "add qrels/test.tsv (or qrels/dev.tsv) with labelled queries held out from training",
+        )
+
+
+def _lines(path: Path):
+    """Yield (line number, decoded line) of a text or gzip file, naming the line of undecodable bytes."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                                "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)") from None
+
+
+def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: tuple[str, ...] = ()):
+    """Read a JSONL file of records with unique `_id` and string fields; returns {id: {field: str}}."""
+    records: dict[str, dict[str, str]] = {}
+    first_line: dict[str, int] = {}
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, f"malformed JSON ({e.msg} at column {e.colno})",
+                            "write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(path, number, "a JSON value that is not an object", "write one JSON object per line")
+        for field in fields:
+            if field not in row:
+                raise DataError(path, number, f'missing "{field}"', f'give every line a "{field}" field')
+        doc_id = row["_id"]
+        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            raise DataError(path, number, f'"_id" is {doc_id!r}, not a non-empty string', 'make "_id" a string')
+        record = {}
+        for field in fields[1:] + optional:
+            value = row.get(field, "")
+            if value is None and field in optional:
+                value = ""
+            if not isinstance(value, str):
+                raise DataError(path, number, f'"{field}" is a {type(value).__name__}, not a string',
+                                f'make "{field}" a JSON string')
+            record[field] = value
+        if doc_id in records:
+            raise DataError(path, number, f'duplicate "_id" {doc_id!r} (first on line {first_line[doc_id]})',
+                            "give every record a unique _id")
+        records[doc_id] = record
+        first_line[doc_id] = number
+    if not records:
+        raise DataError(path, None, "no records", "add one JSON object per line")
+    return records
+
+
+def read_qrels(path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, int]]:
+    """Read one `qrels/<split>.tsv`, checking the header, the scores and that every id exists."""
+    qrels: dict[str, dict[str, int]] = {}
+    lines = _lines(path)
+    header = next(lines, (1, ""))[1].split("\t")
+    if [h.strip() for h in header] != QRELS_HEADER:
+        raise DataError(path, 1, f"header is {header!r}, expected query-id<TAB>corpus-id<TAB>score",
+                        "make the first line exactly: query-id\\tcorpus-id\\tscore")
+    for number, line in lines:
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != 3:
+            raise DataError(path, number, f"{len(cols)} tab-separated columns, expected 3",
+                            "write query-id<TAB>corpus-id<TAB>score")
+        qid, did, score = (c.strip() for c in cols)
+        if not score.isdigit():
+            raise DataError(path, number, f"score {score!r} is not a non-negative integer",
+                            "use 0 for not relevant and 1, 2, ... for relevant (higher is more relevant)")
+        if qid not in queries:
+            raise DataError(path, number, f"query-id {qid!r} is not in queries.jsonl",
+                            "add the query to queries.jsonl or remove this line")
+        if did not in corpus:
+            raise DataError(path, number, f"corpus-id {did!r} is not in the corpus",
+                            "add the document to the corpus or remove this line")
+        if did in qrels.get(qid, {}):
+            raise DataError(path, number, f"a second label for ({qid!r}, {did!r})", "keep one line per pair")
+        qrels.setdefault(qid, {})[did] = int(score)
+    if not qrels:
+        raise DataError(path, None, "an empty split: no labels after the header",
+                        "add labels, or delete the file if the split is not used")
+    return qrels
+
+
+def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
+    """Load and validate a BEIR folder; `limits` is "error", "warn" or "off" for the Vertex AI size limits."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(path, None, "no such folder", "point data_dir at a folder in BEIR layout")
+    corpus_file = next((p for p in (path / "corpus.jsonl", path / "corpus.jsonl.gz") if p.exists()), None)
+    if corpus_file is None:
+        raise DataError(path / "corpus.jsonl", None, "no corpus.jsonl or corpus.jsonl.gz",
+                        'write the documents there, one {"_id", "title", "text"} object per line')
+    queries_file = path / "queries.jsonl"
+    if not queries_file.exists():
+        raise DataError(queries_file, None, "no queries file", 'write the queries, one {"_id", "text"} per line')
+    corpus = read_jsonl(corpus_file, optional=("title",))
+    queries = {qid: q["text"] for qid, q in read_jsonl(queries_file).items()}
+    qrels = {p.stem: read_qrels(p, corpus, queries) for p in sorted((path / "qrels").glob("*.tsv"))}
+    data = BeirData(path, corpus, queries, qrels)
+    check_limits(data, limits)
+    return data
+
+
+def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
+    """Report where the data breaks Vertex AI's tuning limits; raise on "error", warn on "warn"."""
+    if mode not in ("error", "warn", "off"):
+        raise ValueError(f'limits must be "error", "warn" or "off", not {mode!r}')
+    counts = {
+        "queries": len(data.queries),
+        "documents": len(data.corpus),
+        "query ids in all splits": len({q for split in data.qrels.values() for q in split}),
+        "labels in all splits": sum(len(d) for split in data.qrels.values() for d in split.values()),
+    }
+    checks = [(what, counts[what], what) for what in counts]
+    checks += [(f"query ids in split {s!r}", len(q), "query ids per split") for s, q in data.qrels.items()]
+    problems = []
+    for label, value, rule in checks:
+        low, high = VERTEX_LIMITS[rule]
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"at most {high:,}" if low is None else f"{low} to {high:,}"
+            problems.append(f"{value:,} {label}; Vertex AI tuning needs {bounds}")
+    if problems and mode != "off":
+        message = "; ".join(problems)
+        if mode == "error":
+            raise DataError(data.path, None, f"outside Vertex AI limits: {message}",
+                            'resize the data, or pass limits="warn" to go on anyway')
+        warnings.warn(f"{data.path}: outside Vertex AI limits: {message}", stacklevel=2)
+    return problems

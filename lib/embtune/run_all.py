@@ -1,0 +1,106 @@
+"""Run every notebook in number order, headless, through papermill (what `make run-all` calls).
+
+Inputs are checked first (data layout, model folders or hub), so a bad input costs seconds and one line,
+and leaves nothing behind. Executed notebooks are saved under `RUN/notebooks/`.
+
+    python -m embtune.run_all --data DIR --model NAME_OR_DIR --run DIR [--generator G] [--reranker R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+# command-line option -> notebook parameter
+PARAMETERS = {
+    "data": "data_dir",
+    "model": "base_model",
+    "run": "run_dir",
+    "generator": "generator_model",
+    "reranker": "reranker_model",
+}
+
+
+def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
+    """The numbered notebooks (`NN_name.ipynb`), in order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def preflight(args: argparse.Namespace) -> dict[str, str]:
+    """Validate the inputs and return the notebook parameters (paths made absolute)."""
+    from .data import load_beir
+    from .models import resolve
+
+    load_beir(args.data, limits=args.limits)
+    params = {
+        "data_dir": str(Path(args.data).resolve()),
+        "run_dir": str(Path(args.run).resolve()),
+        "base_model": resolve(args.model, "MODEL"),
+    }
+    if args.reranker:
+        params["reranker_model"] = resolve(args.reranker, "RERANKER")
+    if args.generator:
+        params["generator_model"] = args.generator
+    return params
+
+
+def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
+    """Execute one notebook with the parameters it declares; `.failed.ipynb` keeps a failed run's traceback."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{path.name}.partial"
+    try:
+        pm.execute_notebook(
+            str(path), str(partial), parameters={k: v for k, v in params.items() if k in declared},
+            cwd=str(path.parent), progress_bar=False, kernel_name="python3",
+        )
+    except BaseException:
+        if partial.exists():
+            os.replace(partial, out_dir / f"{path.stem}.failed.ipynb")
+        raise
+    os.replace(partial, out_dir / path.name)
+    return out_dir / path.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="BEIR folder (DATA)")
+    parser.add_argument("--model", required=True, help="base embedder: hub name or local folder (MODEL)")
+    parser.add_argument("--run", required=True, help="run directory the notebooks share (RUN)")
+    parser.add_argument("--generator", default="", help="query generator for notebook 01 (GENERATOR)")
+    parser.add_argument("--reranker", default="", help="reranker for notebook 06 (RERANKER)")
+    parser.add_argument("--limits", default="warn", choices=["error", "warn", "off"],
+                        help="Vertex AI dataset limits: fail, warn or ignore")
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of numbered notebooks")
+    args = parser.parse_args(argv)
+
+    from papermill.exceptions import PapermillExecutionError
+
+    from .data import DataError
+    from .models import ModelNotFound
+
+    try:
+        params = preflight(args)
+    except (DataError, ModelNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(params["run_dir"]) / "notebooks"
+    for path in notebooks(Path(args.notebooks)):
+        print(f"== {path.name}", flush=True)
+        try:
+            run_notebook(path, out_dir, params)
+        except PapermillExecutionError as e:
+            print(f"error: {path.name} failed: {e.ename}: {e.evalue}; see {out_dir / (path.stem + '.failed.ipynb')}",
+                  file=sys.stderr)
+            return 1
+    print(f"done: {params['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
