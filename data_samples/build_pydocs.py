@@ -71,20 +71,60 @@ MAX_DOC_CHARS = 1500
 MIN_DOC_CHARS = 100
 MIN_SUMMARY_WORDS = 4
 MAX_SUMMARY_CHARS = 250
-MAX_LABELLED = 460          # cap on labelled (query, document) pairs
+MAX_LABELLED = 460  # cap on labelled (query, document) pairs
 MAX_DOCSTRING_DISTRACTORS = 130  # cap on unlabelled docstring documents
 SPLITS = (("train", 0.60), ("dev", 0.15), ("test", 0.25))
 
 # Standard-library modules whose public API feeds the retrieval corpus.
 RETRIEVAL_MODULES = (
-    "argparse", "base64", "bisect", "calendar", "codecs", "collections",
-    "configparser", "contextlib", "csv", "dataclasses", "datetime",
-    "difflib", "email.message", "enum", "fnmatch", "fractions", "functools",
-    "glob", "hashlib", "heapq", "http.client", "inspect", "io", "itertools",
-    "json", "logging", "math", "operator", "os", "pathlib", "pickle",
-    "random", "re", "shutil", "sqlite3", "statistics", "string", "struct",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time",
-    "urllib.parse", "uuid", "xml.etree.ElementTree", "zipfile",
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "codecs",
+    "collections",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "difflib",
+    "email.message",
+    "enum",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "glob",
+    "hashlib",
+    "heapq",
+    "http.client",
+    "inspect",
+    "io",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "sqlite3",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "urllib.parse",
+    "uuid",
+    "xml.etree.ElementTree",
+    "zipfile",
 )
 
 # Label -> modules for the classification / clustering sample.
@@ -128,8 +168,7 @@ MODULE_ALIASES = {
 }
 
 SIGNATURE_RE = re.compile(r"^[A-Za-z_][\w.]*\s*\(.*\)\s*(->.*)?$")
-SENTENCE_END_RE = re.compile(
-    r"(?<=[.!?])(?<!e\.g\.)(?<!i\.e\.)(?<!etc\.)\s+(?=[A-Z`'\"(])")
+SENTENCE_END_RE = re.compile(r"(?<=[.!?])(?<!e\.g\.)(?<!i\.e\.)(?<!etc\.)\s+(?=[A-Z`'\"(])")
 SIGNATURE_START_RE = re.compile(r"^[A-Za-z_][\w.]*\s*\(")
 WS_RE = re.compile(r"\s+")
 
@@ -140,6 +179,7 @@ LICENCE_URL = "https://docs.python.org/3/license.html"
 # --------------------------------------------------------------------------
 # Docstring collection
 # --------------------------------------------------------------------------
+
 
 def collapse(text: str) -> str:
     return WS_RE.sub(" ", text).strip()
@@ -229,8 +269,7 @@ def iter_docstrings(module_names):
             seen_objects.add(id(obj))
             doc = own_doc(obj)
             if doc and inspect.isclass(obj):
-                base_docs = [inspect.cleandoc(d) for b in obj.__mro__[1:]
-                             if (d := own_doc(b))]
+                base_docs = [inspect.cleandoc(d) for b in obj.__mro__[1:] if (d := own_doc(b))]
                 if inspect.cleandoc(doc) in base_docs:
                     doc = None
             if doc:
@@ -241,8 +280,7 @@ def iter_docstrings(module_names):
                 if attr.startswith("_"):
                     continue
                 member = vars(obj)[attr]
-                if not (inspect.isroutine(member) or isinstance(
-                        member, (property, classmethod, staticmethod))):
+                if not (inspect.isroutine(member) or isinstance(member, (property, classmethod, staticmethod))):
                     continue
                 mdoc = own_doc(member)
                 if not mdoc or not defined_on(member, obj):
@@ -294,8 +332,7 @@ def split_docstring(raw: str) -> tuple[str, str]:
     return summary, collapse(rest)
 
 
-def summary_problem(summary: str, qualname: str, short_name: str,
-                    text: str = "") -> str | None:
+def summary_problem(summary: str, qualname: str, short_name: str, text: str = "") -> str | None:
     """Why a summary cannot be used as a query (None if it can)."""
     if len(summary.split()) < MIN_SUMMARY_WORDS:
         return "too short"
@@ -323,6 +360,7 @@ def summary_problem(summary: str, qualname: str, short_name: str,
 # Retrieval dataset
 # --------------------------------------------------------------------------
 
+
 def build_retrieval():
     import pydoc_data.topics
 
@@ -334,7 +372,7 @@ def build_retrieval():
         if len(rest) < MIN_DOC_CHARS:
             continue
         text = cap(rest, MAX_DOC_CHARS)
-        if text in seen_texts:          # duplicate docstring body: keep first
+        if text in seen_texts:  # duplicate docstring body: keep first
             continue
         seen_texts.add(text)
         candidates.append((qualname, short_name, summary, text))
@@ -394,8 +432,7 @@ def build_retrieval():
     n = len(order)
     n_train = round(n * SPLITS[0][1])
     n_dev = round(n * SPLITS[1][1])
-    bounds = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev],
-              "test": order[n_train + n_dev:]}
+    bounds = {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
     qrels = {name: sorted(qrels_pairs[i] for i in idx) for name, idx in bounds.items()}
     stats = {
         "documents": len(corpus),
@@ -413,6 +450,7 @@ def build_retrieval():
 # --------------------------------------------------------------------------
 # Classification / clustering dataset
 # --------------------------------------------------------------------------
+
 
 def build_labels():
     rows = []
@@ -441,6 +479,7 @@ def build_labels():
 # --------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------
+
 
 def write_jsonl(path: str, rows) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
@@ -558,8 +597,11 @@ distributed under the same licence.
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)),
-                        help="folder that receives pydocs/ and pydocs_labels/")
+    parser.add_argument(
+        "--out-dir",
+        default=os.path.dirname(os.path.abspath(__file__)),
+        help="folder that receives pydocs/ and pydocs_labels/",
+    )
     args = parser.parse_args(argv)
     out_dir = os.path.abspath(args.out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -574,19 +616,26 @@ def main(argv=None) -> int:
         write_jsonl(os.path.join(tmp, "queries.jsonl"), queries)
         os.makedirs(os.path.join(tmp, "qrels"))
         for name, pairs in qrels.items():
-            with open(os.path.join(tmp, "qrels", f"{name}.tsv"), "w",
-                      encoding="utf-8", newline="\n") as fh:
+            with open(os.path.join(tmp, "qrels", f"{name}.tsv"), "w", encoding="utf-8", newline="\n") as fh:
                 fh.write("query-id\tcorpus-id\tscore\n")
                 for qid, did in pairs:
                     fh.write(f"{qid}\t{did}\t1\n")
-        write_text(os.path.join(tmp, "README.md"), PYDOCS_README.format(
-            py_version=py_version, n_modules=len(RETRIEVAL_MODULES),
-            modules=textwrap.fill(", ".join(f"`{m}`" for m in RETRIEVAL_MODULES),
-                                  width=78, break_on_hyphens=False),
-            max_chars=MAX_DOC_CHARS, min_chars=MIN_DOC_CHARS,
-            min_words=MIN_SUMMARY_WORDS, max_summary=MAX_SUMMARY_CHARS,
-            max_labelled=MAX_LABELLED,
-            licence=LICENCE_NAME, licence_url=LICENCE_URL, **stats))
+        write_text(
+            os.path.join(tmp, "README.md"),
+            PYDOCS_README.format(
+                py_version=py_version,
+                n_modules=len(RETRIEVAL_MODULES),
+                modules=textwrap.fill(", ".join(f"`{m}`" for m in RETRIEVAL_MODULES), width=78, break_on_hyphens=False),
+                max_chars=MAX_DOC_CHARS,
+                min_chars=MIN_DOC_CHARS,
+                min_words=MIN_SUMMARY_WORDS,
+                max_summary=MAX_SUMMARY_CHARS,
+                max_labelled=MAX_LABELLED,
+                licence=LICENCE_NAME,
+                licence_url=LICENCE_URL,
+                **stats,
+            ),
+        )
         os.chmod(tmp, 0o755)
         replace_dir(tmp, os.path.join(out_dir, "pydocs"))
     finally:
@@ -598,12 +647,21 @@ def main(argv=None) -> int:
         write_jsonl(os.path.join(tmp, "texts.jsonl"), rows)
         table = "\n".join(
             f"| `{label}` | {', '.join(f'`{m}`' for m in modules)} | {label_counts[label]} |"
-            for label, modules in LABEL_MODULES)
-        write_text(os.path.join(tmp, "README.md"), LABELS_README.format(
-            rows=len(rows), max_chars=MAX_LABEL_TEXT_CHARS,
-            min_chars=MIN_LABEL_TEXT_CHARS,
-            max_per_label=MAX_PER_LABEL, table=table, py_version=py_version,
-            licence=LICENCE_NAME, licence_url=LICENCE_URL))
+            for label, modules in LABEL_MODULES
+        )
+        write_text(
+            os.path.join(tmp, "README.md"),
+            LABELS_README.format(
+                rows=len(rows),
+                max_chars=MAX_LABEL_TEXT_CHARS,
+                min_chars=MIN_LABEL_TEXT_CHARS,
+                max_per_label=MAX_PER_LABEL,
+                table=table,
+                py_version=py_version,
+                licence=LICENCE_NAME,
+                licence_url=LICENCE_URL,
+            ),
+        )
         os.chmod(tmp, 0o755)
         replace_dir(tmp, os.path.join(out_dir, "pydocs_labels"))
     finally:

@@ -78,8 +78,12 @@ def _lines(path: Path):
             try:
                 yield number, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise DataError(path, number, f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                                "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)") from None
+                raise DataError(
+                    path,
+                    number,
+                    f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                    "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)",
+                ) from None
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: tuple[str, ...] = ()):
@@ -92,8 +96,9 @@ def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, number, f"malformed JSON ({e.msg} at column {e.colno})",
-                            "write one JSON object per line") from None
+            raise DataError(
+                path, number, f"malformed JSON ({e.msg} at column {e.colno})", "write one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(path, number, "a JSON value that is not an object", "write one JSON object per line")
         for field in fields:
@@ -110,12 +115,20 @@ def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: 
             if value is None and field in optional:
                 value = ""
             if not isinstance(value, str):
-                raise DataError(path, number, f'"{field}" is a {type(value).__name__}, not a string',
-                                f'make "{field}" a JSON string')
+                raise DataError(
+                    path,
+                    number,
+                    f'"{field}" is a {type(value).__name__}, not a string',
+                    f'make "{field}" a JSON string',
+                )
             record[field] = value
         if doc_id in records:
-            raise DataError(path, number, f'duplicate "_id" {doc_id!r} (first on line {first_line[doc_id]})',
-                            "give every record a unique _id")
+            raise DataError(
+                path,
+                number,
+                f'duplicate "_id" {doc_id!r} (first on line {first_line[doc_id]})',
+                "give every record a unique _id",
+            )
         records[doc_id] = record
         first_line[doc_id] = number
     if not records:
@@ -129,31 +142,52 @@ def read_qrels(path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, i
     lines = _lines(path)
     header = next(lines, (1, ""))[1].split("\t")
     if [h.strip() for h in header] != QRELS_HEADER:
-        raise DataError(path, 1, f"header is {header!r}, expected query-id<TAB>corpus-id<TAB>score",
-                        "make the first line exactly: query-id\\tcorpus-id\\tscore")
+        raise DataError(
+            path,
+            1,
+            f"header is {header!r}, expected query-id<TAB>corpus-id<TAB>score",
+            "make the first line exactly: query-id\\tcorpus-id\\tscore",
+        )
     for number, line in lines:
         if not line.strip():
             continue
         cols = line.split("\t")
         if len(cols) != 3:
-            raise DataError(path, number, f"{len(cols)} tab-separated columns, expected 3",
-                            "write query-id<TAB>corpus-id<TAB>score")
+            raise DataError(
+                path, number, f"{len(cols)} tab-separated columns, expected 3", "write query-id<TAB>corpus-id<TAB>score"
+            )
         qid, did, score = (c.strip() for c in cols)
         if not score.isdigit():
-            raise DataError(path, number, f"score {score!r} is not a non-negative integer",
-                            "use 0 for not relevant and 1, 2, ... for relevant (higher is more relevant)")
+            raise DataError(
+                path,
+                number,
+                f"score {score!r} is not a non-negative integer",
+                "use 0 for not relevant and 1, 2, ... for relevant (higher is more relevant)",
+            )
         if qid not in queries:
-            raise DataError(path, number, f"query-id {qid!r} is not in queries.jsonl",
-                            "add the query to queries.jsonl or remove this line")
+            raise DataError(
+                path,
+                number,
+                f"query-id {qid!r} is not in queries.jsonl",
+                "add the query to queries.jsonl or remove this line",
+            )
         if did not in corpus:
-            raise DataError(path, number, f"corpus-id {did!r} is not in the corpus",
-                            "add the document to the corpus or remove this line")
+            raise DataError(
+                path,
+                number,
+                f"corpus-id {did!r} is not in the corpus",
+                "add the document to the corpus or remove this line",
+            )
         if did in qrels.get(qid, {}):
             raise DataError(path, number, f"a second label for ({qid!r}, {did!r})", "keep one line per pair")
         qrels.setdefault(qid, {})[did] = int(score)
     if not qrels:
-        raise DataError(path, None, "an empty split: no labels after the header",
-                        "add labels, or delete the file if the split is not used")
+        raise DataError(
+            path,
+            None,
+            "an empty split: no labels after the header",
+            "add labels, or delete the file if the split is not used",
+        )
     return qrels
 
 
@@ -164,8 +198,12 @@ def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
         raise DataError(path, None, "no such folder", "point data_dir at a folder in BEIR layout")
     corpus_file = next((p for p in (path / "corpus.jsonl", path / "corpus.jsonl.gz") if p.exists()), None)
     if corpus_file is None:
-        raise DataError(path / "corpus.jsonl", None, "no corpus.jsonl or corpus.jsonl.gz",
-                        'write the documents there, one {"_id", "title", "text"} object per line')
+        raise DataError(
+            path / "corpus.jsonl",
+            None,
+            "no corpus.jsonl or corpus.jsonl.gz",
+            'write the documents there, one {"_id", "title", "text"} object per line',
+        )
     queries_file = path / "queries.jsonl"
     if not queries_file.exists():
         raise DataError(queries_file, None, "no queries file", 'write the queries, one {"_id", "text"} per line')
@@ -198,7 +236,11 @@ def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
     if problems and mode != "off":
         message = "; ".join(problems)
         if mode == "error":
-            raise DataError(data.path, None, f"outside Vertex AI limits: {message}",
-                            'resize the data, or pass limits="warn" to go on anyway')
+            raise DataError(
+                data.path,
+                None,
+                f"outside Vertex AI limits: {message}",
+                'resize the data, or pass limits="warn" to go on anyway',
+            )
         warnings.warn(f"{data.path}: outside Vertex AI limits: {message}", stacklevel=2)
     return problems

@@ -23,10 +23,14 @@ HEADLINE = ["ndcg@10", "mrr@10", "map@10", "recall@10", "recall@100", "precision
 def dense_search(query_emb, doc_emb, query_ids, doc_ids, top_k: int = 100) -> dict[str, dict[str, float]]:
     """Exact top-k by dot product of unit vectors (= cosine), chunked by sentence-transformers."""
     hits = semantic_search(
-        torch.as_tensor(query_emb), torch.as_tensor(doc_emb), top_k=min(top_k, len(doc_ids)),
+        torch.as_tensor(query_emb),
+        torch.as_tensor(doc_emb),
+        top_k=min(top_k, len(doc_ids)),
         score_function=lambda a, b: a @ b.T,
     )
-    return {qid: {doc_ids[h["corpus_id"]]: float(h["score"]) for h in row} for qid, row in zip(query_ids, hits)}
+    return {
+        qid: {doc_ids[h["corpus_id"]]: float(h["score"]) for h in row} for qid, row in zip(query_ids, hits, strict=True)
+    }
 
 
 def instruction_variants(model, instruction: str | None) -> dict[str, str | None]:
@@ -36,8 +40,15 @@ def instruction_variants(model, instruction: str | None) -> dict[str, str | None
     return {"with_instruction": with_, "without_instruction": ""}
 
 
-def dense_runs(model, doc_ids, doc_texts, queries: dict[str, str], instructions: dict[str, str | None],
-               top_k: int = 100, batch_size: int = 32) -> dict[str, dict]:
+def dense_runs(
+    model,
+    doc_ids,
+    doc_texts,
+    queries: dict[str, str],
+    instructions: dict[str, str | None],
+    top_k: int = 100,
+    batch_size: int = 32,
+) -> dict[str, dict]:
     """One run per named instruction; the corpus is encoded once and shared."""
     doc_emb = encode(model, doc_texts, "document", batch_size=batch_size)
     query_ids = list(queries)
@@ -60,19 +71,29 @@ def score(qrels: dict, run: dict, metrics: list[str] = METRICS) -> dict[str, flo
 
 def per_query(qrels: dict, run: dict, metric: str = "ndcg@10") -> dict[str, float]:
     values = evaluate(*_ranx(qrels, run), metric, return_mean=False, make_comparable=True)
-    return dict(zip(sorted(qrels), map(float, values))) if len(qrels) else {}
+    return dict(zip(sorted(qrels), map(float, values), strict=True)) if len(qrels) else {}
 
 
-def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", metrics: list[str] = HEADLINE,
-                 test: str = "student", max_p: float = 0.05) -> dict:
+def significance(
+    qrels: dict,
+    runs: dict[str, dict],
+    baseline: str = "base",
+    metrics: list[str] = HEADLINE,
+    test: str = "student",
+    max_p: float = 0.05,
+) -> dict:
     """Paired test of each system against `baseline` over the same queries (ranx: "student" is the paired
     t-test, "fisher" the randomisation test). Returns {system: {metric: {delta, p_value, significant}}}."""
     if baseline not in runs or len(runs) < 2:
         return {}
     names = [baseline] + [n for n in runs if n != baseline]
     report = compare(
-        Qrels(qrels), [_ranx(qrels, runs[n], n)[1] for n in names], metrics=metrics,
-        stat_test=test, max_p=max_p, make_comparable=True,
+        Qrels(qrels),
+        [_ranx(qrels, runs[n], n)[1] for n in names],
+        metrics=metrics,
+        stat_test=test,
+        max_p=max_p,
+        make_comparable=True,
     ).to_dict()
     out = {"test": test, "baseline": baseline, "max_p": max_p}
     for name in names[1:]:
@@ -87,13 +108,12 @@ def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", met
     return out
 
 
-def wins_losses(qrels: dict, base_run: dict, other_run: dict, queries: dict[str, str],
-                metric: str = "ndcg@10") -> pd.DataFrame:
+def wins_losses(
+    qrels: dict, base_run: dict, other_run: dict, queries: dict[str, str], metric: str = "ndcg@10"
+) -> pd.DataFrame:
     """Per-query `metric` of two systems, sorted from the biggest loss to the biggest win."""
     base, other = per_query(qrels, base_run, metric), per_query(qrels, other_run, metric)
-    table = pd.DataFrame(
-        [{"query_id": q, "query": queries[q], "base": base[q], "other": other[q]} for q in base]
-    )
+    table = pd.DataFrame([{"query_id": q, "query": queries[q], "base": base[q], "other": other[q]} for q in base])
     table["delta"] = table["other"] - table["base"]
     return table.sort_values(["delta", "query_id"]).reset_index(drop=True)
 
@@ -150,15 +170,24 @@ def report_markdown(result: dict, examples: pd.DataFrame | None = None, n_exampl
     if sig:
         lines += ["", f"† differs from `{sig['baseline']}` at p < {sig['max_p']} ({sig['test']} paired test)."]
     if result.get("instruction_ablation"):
-        lines += ["", "## Instruction ablation (NDCG@10)", "", "| system | with instruction | without | change |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Instruction ablation (NDCG@10)",
+            "",
+            "| system | with instruction | without | change |",
+            "|---|---|---|---|",
+        ]
         for name, pair in result["instruction_ablation"].items():
             w, wo = pair["with_instruction"]["ndcg@10"], pair["without_instruction"]["ndcg@10"]
             change = f"{(w - wo) / wo:+.1%}" if wo else "n/a"
             lines.append(f"| {name} | {w:.4f} | {wo:.4f} | {change} |")
     for comparison, counts in result.get("wins_losses", {}).items():
-        lines += ["", f"## Per-query NDCG@10: {comparison}", "",
-                  f"{counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses."]
+        lines += [
+            "",
+            f"## Per-query NDCG@10: {comparison}",
+            "",
+            f"{counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses.",
+        ]
     if examples is not None and len(examples):
         losses, wins = examples[examples["delta"] < 0], examples[examples["delta"] > 0]
         for title, rows in (("Biggest losses", losses.head(n_examples)), ("Biggest wins", wins.tail(n_examples)[::-1])):

@@ -53,11 +53,15 @@ def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
 
     declared = pm.inspect_notebook(str(path))
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".{path.name}.partial"
+    partial = out_dir / f".{path.stem}.partial.ipynb"
     try:
         pm.execute_notebook(
-            str(path), str(partial), parameters={k: v for k, v in params.items() if k in declared},
-            cwd=str(path.parent), progress_bar=False, kernel_name="python3",
+            str(path),
+            str(partial),
+            parameters={k: v for k, v in params.items() if k in declared},
+            cwd=str(path.parent),
+            progress_bar=False,
+            kernel_name="python3",
         )
     except BaseException:
         if partial.exists():
@@ -74,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run directory the notebooks share (RUN)")
     parser.add_argument("--generator", default="", help="query generator for notebook 01 (GENERATOR)")
     parser.add_argument("--reranker", default="", help="reranker for notebook 06 (RERANKER)")
-    parser.add_argument("--limits", default="warn", choices=["error", "warn", "off"],
-                        help="Vertex AI dataset limits: fail, warn or ignore")
+    parser.add_argument(
+        "--limits",
+        default="warn",
+        choices=["error", "warn", "off"],
+        help="Vertex AI dataset limits: fail, warn or ignore",
+    )
     parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of numbered notebooks")
     args = parser.parse_args(argv)
 
@@ -95,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_notebook(path, out_dir, params)
         except PapermillExecutionError as e:
-            print(f"error: {path.name} failed: {e.ename}: {e.evalue}; see {out_dir / (path.stem + '.failed.ipynb')}",
-                  file=sys.stderr)
+            print(
+                f"error: {path.name} failed: {e.ename}: {e.evalue}; see {out_dir / (path.stem + '.failed.ipynb')}",
+                file=sys.stderr,
+            )
             return 1
     print(f"done: {params['run_dir']}")
     return 0

@@ -36,8 +36,12 @@ def load_labelled(path: str | Path) -> tuple[list[str], list[str]]:
                 texts.append(str(row["text"]))
                 labels.append(str(row["label"]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(path, number, "not a JSON object with text and label",
-                                'write one {"text": ..., "label": ...} object per line') from None
+                raise DataError(
+                    path,
+                    number,
+                    "not a JSON object with text and label",
+                    'write one {"text": ..., "label": ...} object per line',
+                ) from None
     return texts, labels
 
 
@@ -54,8 +58,9 @@ def load_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
     return first, second, np.asarray(scores)
 
 
-def classification(model, texts: list[str], labels: list[str], test_size: float = 0.3, seed: int = 0,
-                   instruction: str | None = None) -> dict[str, float]:
+def classification(
+    model, texts: list[str], labels: list[str], test_size: float = 0.3, seed: int = 0, instruction: str | None = None
+) -> dict[str, float]:
     """A logistic-regression probe on frozen embeddings; macro-averaged precision, recall and F1."""
     emb = encode(model, texts, "query" if instruction else "document", instruction, progress=False)
     x_train, x_test, y_train, y_test = train_test_split(
@@ -66,8 +71,9 @@ def classification(model, texts: list[str], labels: list[str], test_size: float 
     return {"accuracy": accuracy_score(y_test, predicted), "precision": precision, "recall": recall, "f1": f1}
 
 
-def clustering(model, texts: list[str], labels: list[str], seed: int = 0,
-               instruction: str | None = None) -> dict[str, float]:
+def clustering(
+    model, texts: list[str], labels: list[str], seed: int = 0, instruction: str | None = None
+) -> dict[str, float]:
     """k-means with k = the number of labels; agreement with the labels (ARI, NMI) and silhouette."""
     emb = encode(model, texts, "query" if instruction else "document", instruction, progress=False)
     predicted = KMeans(n_clusters=len(set(labels)), n_init=10, random_state=seed).fit_predict(emb)

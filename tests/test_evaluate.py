@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from embtune.data import load_beir
+from embtune.evaluate import (
+    METRICS,
+    dense_runs,
+    dense_search,
+    per_query,
+    report_markdown,
+    score,
+    significance,
+    tally,
+    wins_losses,
+)
+
+QRELS = {"q1": {"d1": 1, "d2": 2}, "q2": {"d3": 1}}
+
+
+def test_metrics_on_a_hand_computed_case():
+    run = {"q1": {"d9": 0.9, "d2": 0.8, "d1": 0.1}, "q2": {"d3": 0.7, "d8": 0.6}}
+    m = score(QRELS, run)
+    assert set(m) == set(METRICS)
+    # q1: first relevant at rank 2 -> RR 1/2; q2: rank 1 -> RR 1.
+    assert m["mrr@10"] == pytest.approx(0.75)
+    assert m["precision@1"] == pytest.approx(0.5)
+    assert m["recall@1"] == pytest.approx(0.5)
+    assert m["recall@3"] == pytest.approx(1.0)
+    # q1 graded NDCG@3 (linear gain, log2 discount): DCG = 2/log2(3) + 1/log2(4); IDCG = 2 + 1/log2(3).
+    q1 = (2 / np.log2(3) + 1 / 2) / (2 + 1 / np.log2(3))
+    assert m["ndcg@3"] == pytest.approx((q1 + 1) / 2, abs=1e-6)
+    assert per_query(QRELS, run, "ndcg@3") == pytest.approx({"q1": q1, "q2": 1.0}, abs=1e-6)
+    # A query the system returned nothing for scores 0, not an error.
+    assert score(QRELS, {"q1": run["q1"]})["mrr@10"] == pytest.approx(0.25)
+
+
+def test_dense_search_is_exact_top_k():
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(50, 8)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = docs[:3] + 0.01
+    run = dense_search(queries, docs, ["a", "b", "c"], [f"d{i}" for i in range(50)], top_k=5)
+    for qid, row in zip("abc", queries, strict=True):
+        expected = np.argsort(-(docs @ row))[:5]
+        assert list(run[qid]) == [f"d{i}" for i in expected]
+
+
+def test_significance_and_wins_losses():
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(30)}
+    bad = {q: {"x": 1.0, f"d{i}": 0.5} for i, q in enumerate(qrels)}  # relevant at rank 2
+    good = {q: {f"d{i}": 1.0} for i, q in enumerate(qrels)}  # relevant at rank 1
+    good["q0"] = {"x": 1.0}  # one loss
+    sig = significance(qrels, {"base": bad, "finetuned": good})
+    assert sig["finetuned"]["ndcg@10"]["significant"] and sig["finetuned"]["ndcg@10"]["delta"] > 0
+    same = significance(qrels, {"base": bad, "finetuned": bad})
+    assert not same["finetuned"]["mrr@10"]["significant"]
+    table = wins_losses(qrels, bad, good, {q: q.upper() for q in qrels})
+    assert tally(table) == {"wins": 29, "ties": 0, "losses": 1}
+    assert table.iloc[0]["query_id"] == "q0" and table.iloc[0]["delta"] < 0
+    result = {
+        "data_dir": "d",
+        "split": "test",
+        "n_queries": 30,
+        "n_docs": 31,
+        "systems": {"base": score(qrels, bad), "finetuned": score(qrels, good)},
+        "significance": sig,
+        "wins_losses": {"finetuned vs base": tally(table)},
+    }
+    report = report_markdown(result, table)
+    assert "| finetuned | 0.9667†" in report and "29 wins, 0 ties, 1 losses" in report and "Q0" in report
+
+
+def test_ndcg_equals_sentence_transformers_evaluator(minilm):
+    """Our pipeline's NDCG@10 agrees with sentence-transformers' InformationRetrievalEvaluator."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    data = load_beir(SAMPLES / "pydocs")
+    qrels = data.relevant("test")
+    queries = {q: data.queries[q] for q in qrels}
+    docs = data.doc_texts()
+    ours = score(qrels, dense_runs(minilm, list(docs), list(docs.values()), queries, {"main": None})["main"])
+    evaluator = InformationRetrievalEvaluator(
+        queries, docs, {q: set(d) for q, d in qrels.items()}, ndcg_at_k=[10], mrr_at_k=[10], show_progress_bar=False
+    )
+    theirs = evaluator(minilm)
+    assert ours["ndcg@10"] == pytest.approx(theirs[f"{evaluator.primary_metric}"], abs=0.005)
+    assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample

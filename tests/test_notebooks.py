@@ -1,0 +1,108 @@
+"""Real papermill runs of the notebooks on the tiny fixtures, asserting on what they write."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import papermill as pm
+import pytest
+
+from conftest import ROOT, SAMPLES, SHARED
+from embtune.evaluate import HEADLINE, METRICS
+from embtune.run_all import notebooks
+
+NOTEBOOKS = notebooks()
+
+
+def test_notebooks_are_numbered_clean_and_parameterised():
+    assert [p.name[:2] for p in NOTEBOOKS] == sorted(p.name[:2] for p in NOTEBOOKS) and NOTEBOOKS
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), path.name
+        declared = pm.inspect_notebook(str(path))
+        assert {"data_dir", "run_dir", "base_model"} <= set(declared), path.name
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+
+
+def run_all(*args, env=None, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-m", "embtune.run_all", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_run_all_evaluates_the_base_model(tmp_path, tiny_embedding):
+    run = tmp_path / "run"
+    result = run_all("--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_queries"] == 115 and metrics["n_docs"] == 639
+    assert list(metrics["systems"]) == ["base"]
+    base = metrics["systems"]["base"]
+    assert set(base) == set(METRICS) and all(0 <= v <= 1 for v in base.values())
+    assert base["recall@100"] >= base["recall@10"] >= base["recall@1"]
+    ablation = metrics["instruction_ablation"]["base"]
+    assert set(ablation) == {"with_instruction", "without_instruction"}
+    assert ablation["with_instruction"]["ndcg@10"] == base["ndcg@10"]  # the tiny model ships Qwen's prompt
+    assert metrics["significance"] == {}
+    report = (run / "report.md").read_text()
+    assert "| base |" in report and "Instruction ablation" in report and "115 queries" in report
+    assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (run / "notebooks").iterdir()) == [p.name for p in NOTEBOOKS]
+
+
+def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, minilm_path):
+    """A run directory holding model/ (here the real MiniLM) is scored against the base model."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model").symlink_to(minilm_path)
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "05_evaluate.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        cwd=str(ROOT / "notebooks"),
+        parameters={
+            "data_dir": str(SAMPLES / "pydocs"),
+            "run_dir": str(run),
+            "base_model": str(tiny_embedding),
+            "labelled_file": str(SAMPLES / "pydocs_labels" / "texts.jsonl"),
+            "sts_file": str(SHARED / "stsbenchmark" / "sts-dev.csv"),
+        },
+        progress_bar=False,
+        kernel_name="python3",
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    base, tuned = metrics["systems"]["base"], metrics["systems"]["finetuned"]
+    assert tuned["ndcg@10"] > base["ndcg@10"] + 0.2
+    assert metrics["significance"]["finetuned"]["ndcg@10"]["significant"]
+    assert set(metrics["significance"]["finetuned"]) == set(HEADLINE)
+    counts = metrics["wins_losses"]["finetuned vs base"]
+    assert sum(counts.values()) == 115 and counts["wins"] > counts["losses"]
+    assert metrics["tasks"]["finetuned"]["sts"]["spearman"] > metrics["tasks"]["base"]["sts"]["spearman"]
+    assert set(metrics["tasks"]["base"]["classification"]) == {"accuracy", "precision", "recall", "f1"}
+    assert "finetuned | " in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_unreachable_hub_stops_in_seconds_with_one_line(tmp_path, offline):
+    env = {"HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = run_all(
+        "--data",
+        str(SAMPLES / "pydocs"),
+        "--model",
+        "Qwen/Qwen3-Embedding-0.6B",
+        "--run",
+        str(tmp_path / "run"),
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "Qwen/Qwen3-Embedding-0.6B" in line and "MODEL=" in line and "local folder" in line
+    assert not (tmp_path / "run").exists()

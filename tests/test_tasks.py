@@ -1,0 +1,24 @@
+from conftest import SAMPLES, SHARED
+from embtune import tasks
+
+
+def test_classification_and_clustering_on_labelled_sample(minilm):
+    texts, labels = tasks.load_labelled(SAMPLES / "pydocs_labels" / "texts.jsonl")
+    n_labels = len(set(labels))
+    probe = tasks.classification(minilm, texts, labels)
+    assert set(probe) == {"accuracy", "precision", "recall", "f1"}
+    assert probe["accuracy"] > 2 / n_labels  # real embeddings separate the modules well above chance
+    clusters = tasks.clustering(minilm, texts, labels)
+    assert set(clusters) == {"silhouette", "adjusted_rand", "nmi"}
+    assert clusters["nmi"] > 0.2 and -1 <= clusters["silhouette"] <= 1
+
+
+def test_sts_spearman_english_and_chinese(minilm):
+    first, second, gold = tasks.load_sts(SHARED / "stsbenchmark" / "sts-test.csv")
+    assert len(first) == 1379 and gold.max() <= 5
+    english = tasks.sts(minilm, first[:300], second[:300], gold[:300])["spearman"]
+    assert english > 70  # all-MiniLM-L6-v2 scores about 82 on STS-B test
+    zh_first, zh_second, zh_gold = tasks.load_sts(SHARED / "chinese-stsb" / "sts-b-test.txt")
+    assert len(zh_first) == 1361 and zh_first[0] == "一个女孩在给她的头发做发型。"
+    chinese = tasks.sts(minilm, zh_first[:300], zh_second[:300], zh_gold[:300])["spearman"]
+    assert chinese < english  # an English-only model is weaker on Chinese
