@@ -74,7 +74,7 @@ def test_exactly_one_end_token_and_left_padding(tiny_embedding, tmp_path):
     np.testing.assert_allclose(encode(model, [DOCS[0] + "<|endoftext|>"]), reference[:1], atol=1e-6)
     # The token survives truncation.
     model.max_seq_length = 8
-    assert model.tokenize([DOCS[1]])["input_ids"][0, -1].item() == end_id
+    assert model.preprocess([DOCS[1]])["input_ids"][0, -1].item() == end_id
     model.max_seq_length = 256
     np.testing.assert_allclose(reference, official_qwen3_embeddings(tiny_embedding, DOCS), atol=1e-5)
 

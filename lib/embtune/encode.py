@@ -49,7 +49,7 @@ def prepare(model: SentenceTransformer) -> SentenceTransformer:
     if not uses_last_token(model):
         return model
     tokenizer = model.tokenizer
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: kept on save
     end = end_token(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(end)
     if tokenizer("a")["input_ids"][-1] != end_id:

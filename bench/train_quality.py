@@ -1,0 +1,124 @@
+"""Does fine-tuning pay, and does our recipe beat the stock one? all-MiniLM-L6-v2 on real data, CPU.
+
+For each data set: the base model; the stock sentence-transformers recipe (MultipleNegativesRankingLoss,
+in-batch negatives only, no-duplicates sampler, its default learning rate); and our default recipe
+(`embtune.train` with its defaults) — same batch size, same number of steps. Each system runs in its own
+process so peak memory is its own. Scores are on the test split; numbers go to docs/BENCHMARKS.md.
+
+    python bench/train_quality.py [--datasets scifact wikiqa] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SHARED, markdown_table, minilm_path, peak_rss_mb, save_results, test_scores  # noqa: E402
+
+BATCH, SEQ = 32, 256
+
+
+def stock_recipe(data_dir: str, out: str, epochs: float) -> None:
+    """The sentence-transformers documentation's recipe, written out here so nothing of ours is in it."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    from sentence_transformers.base.training_args import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from embtune.data import load_beir
+
+    data = load_beir(data_dir, limits="off")
+    docs = data.doc_texts()
+    pairs = [(data.queries[q], docs[d]) for q, ds in data.relevant("train").items() for d in ds]
+    model = SentenceTransformer(minilm_path())
+    model.max_seq_length = SEQ
+    args = Args(
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=epochs,
+        warmup_ratio=0.1,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+    )
+    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
+    SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model)
+    ).train()
+    model.save(f"{out}/model")
+
+
+def one(dataset: str, system: str, epochs: float) -> dict:
+    from embtune.models import load_embedder
+    from embtune.train import TrainConfig, train
+
+    data_dir = str(SHARED / dataset)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        if system == "base":
+            path = minilm_path()
+        elif system == "stock":
+            stock_recipe(data_dir, run_dir, epochs)
+            path = f"{run_dir}/model"
+        else:
+            train(
+                TrainConfig(
+                    base_model=minilm_path(),
+                    data_dir=data_dir,
+                    run_dir=run_dir,
+                    batch_size=BATCH,
+                    max_seq_length=SEQ,
+                    epochs=epochs,
+                )
+            )
+            path = f"{run_dir}/model"
+        train_seconds = time.perf_counter() - start
+        scores = test_scores(load_embedder(path, device="cpu"), data_dir)
+    return {
+        "dataset": dataset,
+        "system": system,
+        **scores,
+        "train_s": round(train_seconds, 1) if system != "base" else 0.0,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--datasets", nargs="+", default=["scifact", "wikiqa"])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--one", nargs=2, metavar=("DATASET", "SYSTEM"))
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(*args.one, args.epochs)))
+        return
+    rows = []
+    for dataset in args.datasets:
+        for system in ("base", "stock", "ours"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", dataset, system, "--epochs", str(args.epochs)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            rows.append(json.loads(out.rsplit("RESULT ", 1)[1]))
+            print(rows[-1], flush=True)
+    table = markdown_table(rows, ["dataset", "system", "ndcg@10", "mrr@10", "recall@100", "train_s", "peak_rss_mb"])
+    section = (
+        f"## Fine-tuning quality: all-MiniLM-L6-v2, test split\n\n"
+        f"`bench/train_quality.py`: base, the stock sentence-transformers recipe (MNRL, in-batch negatives) "
+        f"and our default recipe, batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} tokens, on the CPU.\n\n" + table
+    )
+    save_results("train_quality", {"batch_size": BATCH, "epochs": args.epochs, "rows": rows}, section)
+
+
+if __name__ == "__main__":
+    main()

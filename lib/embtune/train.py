@@ -1,0 +1,446 @@
+"""Contrastive fine-tuning of an embedder: QLoRA on a GPU (unsloth), LoRA or full fine-tuning anywhere.
+
+`train(TrainConfig(...))` is what notebook 03 calls. The same function is a command-line entry point
+that runs unchanged under `torchrun --nproc_per_node N` or `accelerate launch` (DDP, with negatives
+gathered across devices):
+
+    torchrun --nproc_per_node 2 -m embtune.train --base_model M --data_dir D --run_dir R [--field value ...]
+
+Outputs in `run_dir`: `checkpoints/` (resumable), `adapter/` (LoRA), `model/` (merged, a plain
+sentence-transformers folder with the query prompt), `train_log.json`, `train_loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_DOC_TEMPLATE, BeirData, load_beir, read_jsonl, read_qrels
+from .encode import prepare, query_prompt
+from .files import replace_dir, write_json
+from .losses import build_loss
+
+QWEN_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMALL_MODEL_PARAMS = 300_000_000  # below this, full fine-tuning fits anywhere and LoRA only costs quality
+
+
+@dataclass
+class TrainConfig:
+    base_model: str
+    data_dir: str
+    run_dir: str
+    instruction: str | None = None  # None: the model's own query prompt; "": none
+    doc_template: str = DEFAULT_DOC_TEMPLATE
+    # loss
+    loss: str = "qwen3"  # qwen3 | cached_qwen3 | mnrl | cached_mnrl | triplet
+    temperature: float = 0.05
+    matryoshka_dims: list[int] | None = None
+    mini_batch_size: int = 16  # GradCache chunk for the cached losses
+    max_negatives: int = 3  # hard negatives per row, from notebook 02's output
+    # model
+    quant: str = "auto"  # 4bit | 8bit | none | auto (4bit on CUDA, none on CPU)
+    full_finetune: bool | None = None  # None: full below 300M parameters, LoRA above
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(QWEN_TARGET_MODULES))
+    max_seq_length: int = 512
+    gradient_checkpointing: bool | None = None  # None: on for CUDA
+    # schedule
+    batch_size: int = 32
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float | None = None  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
+    warmup_ratio: float = 0.1
+    eval_steps: int = 50
+    eval_corpus_size: int = 2000
+    dev_fraction: float = 0.1  # held out of train when the data has no dev split
+    seed: int = 42
+    merge_dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
+
+
+def describe_backend(config: TrainConfig) -> tuple[str, str]:
+    """(backend, why): unsloth on CUDA, sentence-transformers + bitsandbytes + peft elsewhere."""
+    if not torch.cuda.is_available():
+        return "sentence-transformers + peft", "no CUDA GPU: unsloth's FastSentenceTransformer needs one"
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # unsloth raises more than ImportError when it cannot patch
+        return "sentence-transformers + peft", f"unsloth unavailable ({type(e).__name__}: {e})"
+    return "unsloth", f"CUDA GPU: {torch.cuda.get_device_name(0)}"
+
+
+def resolve_quant(config: TrainConfig) -> str:
+    quant = config.quant if config.quant != "auto" else ("4bit" if torch.cuda.is_available() else "none")
+    if quant not in ("4bit", "8bit", "none"):
+        raise ValueError(f'quant must be "4bit", "8bit", "none" or "auto", not {config.quant!r}')
+    return quant
+
+
+def _target_modules(module: torch.nn.Module, wanted: list[str]) -> list[str] | str:
+    """The requested projection names that the model has; "all-linear" when it has none (e.g. BERT)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    present = [w for w in wanted if w in names]
+    return present or "all-linear"
+
+
+def _keep_4bit_differentiable(model) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel on the first no-grad eval
+    forward (e.g. a dev evaluation) and keeps using that kernel afterwards, which has no autograd: every
+    gradient below that layer is then silently wrong. Training on the CPU must never take that path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_for_training(config: TrainConfig):
+    """(model, description): the base model ready to train, quantised and with LoRA as configured."""
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+
+    from .models import resolve
+
+    backend, why = describe_backend(config)
+    quant = resolve_quant(config)
+    path = resolve(config.base_model)
+    if backend == "unsloth":
+        from unsloth import FastSentenceTransformer
+
+        model = FastSentenceTransformer.from_pretrained(
+            path,
+            max_seq_length=config.max_seq_length,
+            load_in_4bit=quant == "4bit",
+            load_in_8bit=quant == "8bit",
+            load_in_16bit=quant == "none",
+            full_finetuning=bool(config.full_finetune),
+        )
+    else:
+        model_kwargs = {}
+        if quant != "none":
+            from transformers import BitsAndBytesConfig
+
+            model_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=quant == "4bit",
+                load_in_8bit=quant == "8bit",
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+            )
+        model = SentenceTransformer(path, model_kwargs=model_kwargs, trust_remote_code=False)
+        model.max_seq_length = config.max_seq_length
+        _keep_4bit_differentiable(model)
+    prepare(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    full = config.full_finetune if config.full_finetune is not None else n_params < SMALL_MODEL_PARAMS
+    if full and quant != "none":
+        raise ValueError("full fine-tuning needs quant='none' (quantised weights cannot be trained)")
+    gradient_checkpointing = (
+        config.gradient_checkpointing if config.gradient_checkpointing is not None else torch.cuda.is_available()
+    )
+    inner = model[0].auto_model
+    if not full:
+        targets = _target_modules(inner, config.target_modules)
+        if backend == "unsloth":
+            model = FastSentenceTransformer.get_peft_model(
+                model,
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+                random_state=config.seed,
+            )
+        else:
+            if quant != "none":
+                from peft import prepare_model_for_kbit_training
+
+                prepare_model_for_kbit_training(inner, use_gradient_checkpointing=gradient_checkpointing)
+            # sentence-transformers' own adapter support: checkpoints and saves hold the adapter only.
+            model.add_adapter(
+                LoraConfig(
+                    r=config.lora_r,
+                    lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout,
+                    target_modules=targets,
+                    bias="none",
+                )
+            )
+    if gradient_checkpointing and backend != "unsloth":
+        model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mode = "full fine-tuning" if full else f"LoRA r={config.lora_r}"
+    description = (
+        f"{backend} | {quant} | {mode} | {trainable:,} of {n_params:,} parameters trainable | "
+        f"gradient checkpointing {'on' if gradient_checkpointing else 'off'} | why: {why}"
+    )
+    return model, description
+
+
+def _read_synthetic(run_dir: Path, data: BeirData) -> list[tuple[str, str]]:
+    """(query, doc id) pairs from notebook 01's BEIR-layout output, when there is one."""
+    folder = run_dir / "synthetic"
+    if not (folder / "qrels" / "train.tsv").exists():
+        return []
+    queries = {qid: q["text"] for qid, q in read_jsonl(folder / "queries.jsonl").items()}
+    qrels = read_qrels(folder / "qrels" / "train.tsv", data.corpus, queries)
+    return [(queries[q], d) for q, docs in qrels.items() for d, s in docs.items() if s > 0]
+
+
+def split_train_dev(data: BeirData, config: TrainConfig) -> tuple[dict, dict]:
+    """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the train queries."""
+    if "train" not in data.qrels and not (Path(config.run_dir) / "synthetic" / "qrels" / "train.tsv").exists():
+        raise ValueError(
+            f"{data.path}: no qrels/train.tsv and no synthetic queries in {config.run_dir}/synthetic; "
+            "add training labels or run notebook 01 first"
+        )
+    train = data.relevant("train") if "train" in data.qrels else {}
+    if "dev" in data.qrels:
+        return train, data.relevant("dev")
+    ids = sorted(train)
+    random.Random(config.seed).shuffle(ids)
+    n_dev = min(200, int(len(ids) * config.dev_fraction)) if len(ids) >= 20 else 0
+    dev_ids = set(ids[:n_dev])
+    return {q: d for q, d in train.items() if q not in dev_ids}, {q: train[q] for q in dev_ids}
+
+
+def training_dataset(data: BeirData, train_qrels: dict, config: TrainConfig):
+    """Rows (anchor, positive[, negative_1..n]) from notebook 02's hard negatives when present, else pairs
+    from the train labels plus notebook 01's synthetic queries."""
+    from datasets import Dataset
+
+    docs = data.doc_texts(config.doc_template)
+    negatives_file = Path(config.run_dir) / "hard_negatives" / "train.jsonl"
+    if negatives_file.exists():
+        rows = [json.loads(line) for line in negatives_file.read_text(encoding="utf-8").splitlines() if line]
+        k = min([config.max_negatives] + [len(r["negatives"]) for r in rows])
+        columns = {"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows]}
+        for i in range(k):
+            columns[f"negative_{i + 1}"] = [r["negatives"][i] for r in rows]
+        return Dataset.from_dict(columns)
+    pairs = [(data.queries[q], d) for q, ds in train_qrels.items() for d in ds]
+    pairs += _read_synthetic(Path(config.run_dir), data)
+    if not pairs:
+        raise ValueError("no training pairs: the train labels are empty")
+    return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [docs[d] for _, d in pairs]})
+
+
+def dev_evaluator(data: BeirData, dev_qrels: dict, config: TrainConfig, prompt: str):
+    """NDCG@10 on the dev queries against their positives plus a seeded sample of the corpus."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    docs = data.doc_texts(config.doc_template)
+    keep = {d for ds in dev_qrels.values() for d in ds}
+    others = sorted(set(docs) - keep)
+    random.Random(config.seed).shuffle(others)
+    keep |= set(others[: max(0, config.eval_corpus_size - len(keep))])
+    return InformationRetrievalEvaluator(
+        {q: data.queries[q] for q in dev_qrels},
+        {d: docs[d] for d in sorted(keep)},
+        {q: set(ds) for q, ds in dev_qrels.items()},
+        name="dev",
+        query_prompt=prompt or None,
+        ndcg_at_k=[10],
+        mrr_at_k=[10],
+        accuracy_at_k=[1, 10],
+        precision_recall_at_k=[10],
+        map_at_k=[100],
+        write_csv=False,
+    )
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _merge_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (its trainer_state.json is written last); a
+    half-written one, left by a kill during saving, is removed so it cannot be resumed from or rotated."""
+    done = None
+    for path in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
+        if (path / "trainer_state.json").exists():
+            done = path
+        else:
+            shutil.rmtree(path)
+    return str(done) if done else None
+
+
+def _final_step_callback():
+    """Evaluate and checkpoint at the last step too, so the best-checkpoint choice sees the finished model
+    and a short run still leaves a checkpoint (the Trainer only does so at multiples of eval_steps)."""
+    from transformers import TrainerCallback
+
+    class FinalStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = args.eval_strategy != "no"
+                control.should_save = True
+            return control
+
+    return FinalStep()
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, keep the best dev checkpoint, save adapter and merged model; returns the training log."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.training_args import BatchSamplers
+
+    from .merge import merge_adapter
+
+    run_dir = Path(config.run_dir)
+    data = load_beir(config.data_dir, limits="off")
+    train_qrels, dev_qrels = split_train_dev(data, config)
+    model, backend = load_for_training(config)
+    print(backend, flush=True)
+    prompt = query_prompt(model, config.instruction)
+    dataset = training_dataset(data, train_qrels, config)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
+    loss = build_loss(
+        config.loss,
+        model,
+        config.temperature,
+        config.matryoshka_dims,
+        config.mini_batch_size,
+        gather_across_devices=distributed,
+    )
+    if config.loss == "triplet" and "negative_1" not in dataset.column_names:
+        raise ValueError("the triplet loss needs hard negatives: run notebook 02 first, or pick loss='qwen3'")
+    full = not hasattr(model[0].auto_model, "peft_config")  # LoRA: transformers or unsloth adapter
+    evaluator = dev_evaluator(data, dev_qrels, config, prompt) if dev_qrels else None
+    checkpoints = run_dir / "checkpoints"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate or (2e-5 if full else 2e-4),
+        warmup_ratio=config.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be its own false negative
+        prompts={"anchor": prompt} if prompt else None,
+        eval_strategy="steps" if evaluator else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=evaluator is not None,
+        metric_for_best_model="eval_dev_cosine_ndcg@10" if evaluator else None,
+        greater_is_better=True,
+        logging_steps=max(1, config.eval_steps // 5),
+        seed=config.seed,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs real DDP (gloo)
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[_final_step_callback()],
+    )
+    resume = last_complete_checkpoint(checkpoints)
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    log = {
+        "backend": backend,
+        "config": dataclasses.asdict(config),
+        "n_train_rows": len(dataset),
+        "world_size": args.world_size,
+        "n_dev_queries": len(dev_qrels),
+        "seconds": round(seconds, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "eval_curve": [
+            {"step": h["step"], "ndcg@10": h["eval_dev_cosine_ndcg@10"]}
+            for h in trainer.state.log_history
+            if "eval_dev_cosine_ndcg@10" in h
+        ],
+    }
+    if not trainer.is_world_process_zero():
+        return log
+    model.prompts = {**model.prompts, "query": prompt, "document": model.prompts.get("document", "")}
+    if full:
+        with replace_dir(run_dir / "model") as tmp:
+            model.save(str(tmp))
+    else:
+        with replace_dir(run_dir / "adapter") as tmp:
+            model.save(str(tmp))
+        merge_adapter(config.base_model, run_dir / "adapter", run_dir / "model", _merge_dtype(config.merge_dtype))
+    write_json(run_dir / "train_log.json", log)
+    plot_training(log, run_dir / "train_loss.png")
+    return log
+
+
+def plot_training(log: dict, path):
+    """Training loss and dev NDCG@10 against step, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([p["step"] for p in log["loss_curve"]], [p["loss"] for p in log["loss_curve"]], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if log["eval_curve"]:
+        dev = ax.twinx()
+        dev.plot(
+            [p["step"] for p in log["eval_curve"]],
+            [p["ndcg@10"] for p in log["eval_curve"]],
+            "o-",
+            color="tab:orange",
+            label="dev NDCG@10",
+        )
+        dev.set_ylabel("dev NDCG@10")
+        dev.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return fig
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """Every TrainConfig field as `--field value` (lists and None as JSON, e.g. --matryoshka_dims '[384,64]')."""
+    parser = argparse.ArgumentParser(description="Contrastive fine-tuning (run under torchrun for DDP)")
+    for f in dataclasses.fields(TrainConfig):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        parser.add_argument(f"--{f.name}", required=required)
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values and f.type not in ("str", "str | None"):
+            values[f.name] = json.loads(values[f.name])
+    return TrainConfig(**values)
+
+
+if __name__ == "__main__":
+    train(parse_args(sys.argv[1:]))
