@@ -37,24 +37,33 @@ def run_all(*args, env=None, timeout=900):
     )
 
 
-def test_run_all_evaluates_the_base_model(tmp_path, tiny_embedding):
+def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
+    """`make run-all` end to end on the tiny model: 03 trains, 05 scores base against fine-tuned."""
     run = tmp_path / "run"
     result = run_all("--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "notebooks").iterdir()) == [p.name for p in NOTEBOOKS]
+    # 03: a model this small is fully fine-tuned (LoRA is tested in test_train.py); evaluated at the last step
+    log = json.loads((run / "train_log.json").read_text())
+    assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 276 and log["n_dev_queries"] == 69
+    assert log["eval_curve"][-1]["step"] == 36  # 4 epochs of ceil(276 / 32) steps: the final step is evaluated
+    assert (run / "model" / "modules.json").exists() and (run / "train_loss.png").exists()
+    # 05: both systems, every metric, significance, ablation, report and plot
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_queries"] == 115 and metrics["n_docs"] == 639
-    assert list(metrics["systems"]) == ["base"]
-    base = metrics["systems"]["base"]
-    assert set(base) == set(METRICS) and all(0 <= v <= 1 for v in base.values())
-    assert base["recall@100"] >= base["recall@10"] >= base["recall@1"]
+    assert list(metrics["systems"]) == ["base", "finetuned"]
+    for values in metrics["systems"].values():
+        assert set(values) == set(METRICS) and all(0 <= v <= 1 for v in values.values())
+        assert values["recall@100"] >= values["recall@10"] >= values["recall@1"]
+    assert metrics["systems"]["finetuned"] != metrics["systems"]["base"]
+    assert set(metrics["significance"]["finetuned"]) == set(HEADLINE)
     ablation = metrics["instruction_ablation"]["base"]
     assert set(ablation) == {"with_instruction", "without_instruction"}
-    assert ablation["with_instruction"]["ndcg@10"] == base["ndcg@10"]  # the tiny model ships Qwen's prompt
-    assert metrics["significance"] == {}
+    assert ablation["with_instruction"]["ndcg@10"] == metrics["systems"]["base"]["ndcg@10"]  # Qwen's prompt
+    assert sum(metrics["wins_losses"]["finetuned vs base"].values()) == 115
     report = (run / "report.md").read_text()
-    assert "| base |" in report and "Instruction ablation" in report and "115 queries" in report
+    assert "| finetuned |" in report and "Instruction ablation" in report and "115 queries" in report
     assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (run / "notebooks").iterdir()) == [p.name for p in NOTEBOOKS]
 
 
 def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, minilm_path):
@@ -106,3 +115,20 @@ def test_unreachable_hub_stops_in_seconds_with_one_line(tmp_path, offline):
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "Qwen/Qwen3-Embedding-0.6B" in line and "MODEL=" in line and "local folder" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_notebook_03_defaults_are_the_library_defaults():
+    """One source of truth: each training knob in notebook 03 starts at TrainConfig's default."""
+    import ast
+    import dataclasses
+
+    from embtune.train import TrainConfig
+
+    declared = pm.inspect_notebook(str(ROOT / "notebooks" / "03_train.ipynb"))
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shared = set(declared) & set(fields) - {"data_dir", "run_dir", "base_model"}
+    assert len(shared) > 20
+    for name in shared:
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert ast.literal_eval(declared[name]["default"]) == default, name
