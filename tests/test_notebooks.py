@@ -24,6 +24,8 @@ def test_notebooks_are_numbered_clean_and_parameterised():
         assert "parameters" in code[0].metadata.get("tags", []), path.name
         declared = pm.inspect_notebook(str(path))
         assert {"data_dir", "run_dir", "base_model"} <= set(declared), path.name
+        assigned = [line.split("=")[0].strip() for line in code[0].source.splitlines() if " = " in line.split("#")[0]]
+        assert assigned == list(declared), f"{path.name}: papermill cannot parse {set(assigned) - set(declared)}"
         assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
 
 

@@ -206,3 +206,29 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_embedding):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = json.loads((run_dir / "train_log.json").read_text())
     assert log["world_size"] == 2 and log["loss_curve"] and (run_dir / "model" / "model.safetensors").exists()
+
+
+def test_plan_full_for_small_models_lora_for_large(tmp_path, minilm_path):
+    """Decided from the config before loading: MiniLM is fully fine-tuned; the Qwen3-Embedding-0.6B shape
+    gets LoRA (4-bit where there is a GPU)."""
+    from transformers import Qwen3Config
+
+    from embtune.train import plan
+
+    big = tmp_path / "qwen3-0.6b-shape"
+    Qwen3Config(
+        vocab_size=151_669,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    ).save_pretrained(big)
+    small = plan(TrainConfig(base_model=minilm_path, data_dir="d", run_dir="r"), minilm_path)
+    large = plan(TrainConfig(base_model=str(big), data_dir="d", run_dir="r"), str(big))
+    assert small.full_finetune and small.quant == "none" and small.approx_params < 50e6
+    assert not large.full_finetune and 4e8 < large.approx_params < 8e8
+    assert large.quant == ("4bit" if torch.cuda.is_available() else "none")
+    with pytest.raises(ValueError, match="full fine-tuning needs quant='none'"):
+        plan(TrainConfig(base_model="m", data_dir="d", run_dir="r", quant="4bit", full_finetune=True), str(big))

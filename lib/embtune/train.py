@@ -70,22 +70,52 @@ class TrainConfig:
     merge_dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
 
 
-def describe_backend(config: TrainConfig) -> tuple[str, str]:
-    """(backend, why): unsloth on CUDA, sentence-transformers + bitsandbytes + peft elsewhere."""
-    if not torch.cuda.is_available():
-        return "sentence-transformers + peft", "no CUDA GPU: unsloth's FastSentenceTransformer needs one"
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # unsloth raises more than ImportError when it cannot patch
-        return "sentence-transformers + peft", f"unsloth unavailable ({type(e).__name__}: {e})"
-    return "unsloth", f"CUDA GPU: {torch.cuda.get_device_name(0)}"
+@dataclass
+class Plan:
+    """How `load_for_training` will load and train the model on this machine, and why."""
+
+    backend: str  # "unsloth" or "sentence-transformers + peft"
+    why: str
+    quant: str  # "4bit" | "8bit" | "none"
+    full_finetune: bool
+    approx_params: int
+
+    def __str__(self):
+        mode = "full fine-tuning" if self.full_finetune else "LoRA"
+        return f"{self.backend} | {self.quant} | {mode} | ~{self.approx_params / 1e6:,.1f}M parameters | {self.why}"
 
 
-def resolve_quant(config: TrainConfig) -> str:
-    quant = config.quant if config.quant != "auto" else ("4bit" if torch.cuda.is_available() else "none")
+def _approx_params(path: str) -> int:
+    """Parameter count from the config alone (embeddings + attention + MLP), to decide before loading."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    mlp = getattr(cfg, "intermediate_size", 4 * h)
+    return cfg.vocab_size * h + layers * (4 * h * h + 3 * h * mlp)
+
+
+def plan(config: TrainConfig, path: str) -> Plan:
+    """Small models (< 300M parameters) are fully fine-tuned unquantised; larger ones get LoRA, 4-bit on a GPU.
+    unsloth on a CUDA GPU, sentence-transformers + peft (+ bitsandbytes) elsewhere."""
+    approx = _approx_params(path)
+    full = config.full_finetune if config.full_finetune is not None else approx < SMALL_MODEL_PARAMS
+    quant = config.quant
+    if quant == "auto":
+        quant = "4bit" if torch.cuda.is_available() and not full else "none"
     if quant not in ("4bit", "8bit", "none"):
         raise ValueError(f'quant must be "4bit", "8bit", "none" or "auto", not {config.quant!r}')
-    return quant
+    if full and quant != "none":
+        raise ValueError("full fine-tuning needs quant='none' (quantised weights cannot be trained)")
+    backend, why = "sentence-transformers + peft", "no CUDA GPU: unsloth's FastSentenceTransformer needs one"
+    if torch.cuda.is_available():
+        try:
+            import unsloth  # noqa: F401
+
+            backend, why = "unsloth", f"CUDA GPU: {torch.cuda.get_device_name(0)}"
+        except Exception as e:  # unsloth raises more than ImportError when it cannot patch
+            why = f"unsloth unavailable ({type(e).__name__}: {e})"
+    return Plan(backend, why, quant, full, approx)
 
 
 def _target_modules(module: torch.nn.Module, wanted: list[str]) -> list[str] | str:
@@ -113,9 +143,9 @@ def load_for_training(config: TrainConfig):
 
     from .models import resolve
 
-    backend, why = describe_backend(config)
-    quant = resolve_quant(config)
     path = resolve(config.base_model)
+    how = plan(config, path)
+    backend, quant, full = how.backend, how.quant, how.full_finetune
     if backend == "unsloth":
         from unsloth import FastSentenceTransformer
 
@@ -125,7 +155,7 @@ def load_for_training(config: TrainConfig):
             load_in_4bit=quant == "4bit",
             load_in_8bit=quant == "8bit",
             load_in_16bit=quant == "none",
-            full_finetuning=bool(config.full_finetune),
+            full_finetuning=full,
         )
     else:
         model_kwargs = {}
@@ -143,9 +173,6 @@ def load_for_training(config: TrainConfig):
         _keep_4bit_differentiable(model)
     prepare(model)
     n_params = sum(p.numel() for p in model.parameters())
-    full = config.full_finetune if config.full_finetune is not None else n_params < SMALL_MODEL_PARAMS
-    if full and quant != "none":
-        raise ValueError("full fine-tuning needs quant='none' (quantised weights cannot be trained)")
     gradient_checkpointing = (
         config.gradient_checkpointing if config.gradient_checkpointing is not None else torch.cuda.is_available()
     )
@@ -183,7 +210,7 @@ def load_for_training(config: TrainConfig):
     mode = "full fine-tuning" if full else f"LoRA r={config.lora_r}"
     description = (
         f"{backend} | {quant} | {mode} | {trainable:,} of {n_params:,} parameters trainable | "
-        f"gradient checkpointing {'on' if gradient_checkpointing else 'off'} | why: {why}"
+        f"gradient checkpointing {'on' if gradient_checkpointing else 'off'} | why: {how.why}"
     )
     return model, description
 
