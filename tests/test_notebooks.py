@@ -40,11 +40,17 @@ def run_all(*args, env=None, timeout=900):
 
 
 def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
-    """`make run-all` end to end on the tiny model: 03 trains, 05 scores base against fine-tuned."""
+    """`make run-all` end to end on the tiny model: 02 mines, 03 trains on it, 05 scores base against fine-tuned."""
     run = tmp_path / "run"
     result = run_all("--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run / "notebooks").iterdir()) == [p.name for p in NOTEBOOKS]
+    # 02: one row per training pair, no labelled positive among the negatives, counts that add up
+    rows = [json.loads(line) for line in (run / "hard_negatives" / "train.jsonl").read_text().splitlines()]
+    stats = json.loads((run / "hard_negatives" / "stats.json").read_text())
+    assert len(rows) == stats["pairs"] == 276 and stats["kept"] == sum(len(r["negative_ids"]) for r in rows)
+    assert all(r["positive_id"] not in r["negative_ids"] for r in rows) and stats["kept"] > 0
+    assert list((run / "cache").glob("corpus-*.npy"))
     # 03: a model this small is fully fine-tuned (LoRA is tested in test_train.py); evaluated at the last step
     log = json.loads((run / "train_log.json").read_text())
     assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 276 and log["n_dev_queries"] == 69

@@ -232,3 +232,41 @@ def test_plan_full_for_small_models_lora_for_large(tmp_path, minilm_path):
     assert large.quant == ("4bit" if torch.cuda.is_available() else "none")
     with pytest.raises(ValueError, match="full fine-tuning needs quant='none'"):
         plan(TrainConfig(base_model="m", data_dir="d", run_dir="r", quant="4bit", full_finetune=True), str(big))
+
+
+def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding):
+    """Rows the filters left with fewer than max_negatives negatives train on in-batch negatives, in their own set;
+    dev queries never enter training."""
+    from embtune.data import load_beir
+    from embtune.train import split_train_dev, training_dataset
+
+    run_dir = tmp_path / "run"
+    (run_dir / "hard_negatives").mkdir(parents=True)
+    data = load_beir(SAMPLES / "pydocs")
+    cfg = config(tiny_embedding, run_dir, max_negatives=2, max_steps=3)
+    train_qrels, dev_qrels = split_train_dev(data, cfg)
+    docs = data.doc_texts()
+    rows = []
+    for i, (q, positives) in enumerate(sorted({**train_qrels, **dev_qrels}.items())):
+        pos = next(iter(positives))
+        negs = [d for d in list(docs)[i : i + 3] if d != pos][: 2 if i % 3 else 1]
+        rows.append(
+            {
+                "query_id": q,
+                "query": data.queries[q],
+                "positive_id": pos,
+                "positive": docs[pos],
+                "negative_ids": negs,
+                "negatives": [docs[d] for d in negs],
+                "positive_score": 0.5,
+                "negative_scores": [0.1] * len(negs),
+            }
+        )
+    (run_dir / "hard_negatives" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = training_dataset(data, train_qrels, cfg)
+    assert set(dataset) == {"hard_negatives", "pairs"}
+    assert dataset["hard_negatives"].column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    assert dataset["pairs"].column_names == ["anchor", "positive"]
+    assert len(dataset["hard_negatives"]) + len(dataset["pairs"]) == len(train_qrels)  # no dev query
+    log = train(cfg)
+    assert log["n_train_rows"] == len(train_qrels) and (run_dir / "model" / "modules.json").exists()

@@ -215,6 +215,20 @@ def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
     return data
 
 
+def load_synthetic(run_dir: str | Path, data: BeirData) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """Notebook 01's generated queries (`run_dir/synthetic/`, BEIR layout) against `data`'s corpus, with ids
+    prefixed `synthetic:` so they never collide with labelled ones; empty when there are none."""
+    folder = Path(run_dir) / "synthetic"
+    if not (folder / "qrels" / "train.tsv").exists():
+        return {}, {}
+    queries = {qid: q["text"] for qid, q in read_jsonl(folder / "queries.jsonl").items()}
+    qrels = read_qrels(folder / "qrels" / "train.tsv", data.corpus, queries)
+    return (
+        {f"synthetic:{q}": t for q, t in queries.items()},
+        {f"synthetic:{q}": {d: s for d, s in docs.items() if s > 0} for q, docs in qrels.items()},
+    )
+
+
 def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
     """Report where the data breaks Vertex AI's tuning limits; raise on "error", warn on "warn"."""
     if mode not in ("error", "warn", "off"):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_DOC_TEMPLATE, BeirData, load_beir, read_jsonl, read_qrels
+from .data import DEFAULT_DOC_TEMPLATE, BeirData, load_beir, load_synthetic
 from .encode import prepare, query_prompt
 from .files import replace_dir, write_json
 from .losses import build_loss
@@ -215,19 +215,9 @@ def load_for_training(config: TrainConfig):
     return model, description
 
 
-def _read_synthetic(run_dir: Path, data: BeirData) -> list[tuple[str, str]]:
-    """(query, doc id) pairs from notebook 01's BEIR-layout output, when there is one."""
-    folder = run_dir / "synthetic"
-    if not (folder / "qrels" / "train.tsv").exists():
-        return []
-    queries = {qid: q["text"] for qid, q in read_jsonl(folder / "queries.jsonl").items()}
-    qrels = read_qrels(folder / "qrels" / "train.tsv", data.corpus, queries)
-    return [(queries[q], d) for q, docs in qrels.items() for d, s in docs.items() if s > 0]
-
-
 def split_train_dev(data: BeirData, config: TrainConfig) -> tuple[dict, dict]:
     """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the train queries."""
-    if "train" not in data.qrels and not (Path(config.run_dir) / "synthetic" / "qrels" / "train.tsv").exists():
+    if "train" not in data.qrels and not load_synthetic(config.run_dir, data)[1]:
         raise ValueError(
             f"{data.path}: no qrels/train.tsv and no synthetic queries in {config.run_dir}/synthetic; "
             "add training labels or run notebook 01 first"
@@ -244,23 +234,37 @@ def split_train_dev(data: BeirData, config: TrainConfig) -> tuple[dict, dict]:
 
 def training_dataset(data: BeirData, train_qrels: dict, config: TrainConfig):
     """Rows (anchor, positive[, negative_1..n]) from notebook 02's hard negatives when present, else pairs
-    from the train labels plus notebook 01's synthetic queries."""
-    from datasets import Dataset
+    from the train labels plus notebook 01's synthetic queries. Dev queries never enter training."""
+    from datasets import Dataset, DatasetDict
 
-    docs = data.doc_texts(config.doc_template)
+    synthetic_queries, synthetic_qrels = load_synthetic(config.run_dir, data)
     negatives_file = Path(config.run_dir) / "hard_negatives" / "train.jsonl"
     if negatives_file.exists():
+        allowed = set(train_qrels) | set(synthetic_qrels)
         rows = [json.loads(line) for line in negatives_file.read_text(encoding="utf-8").splitlines() if line]
-        k = min([config.max_negatives] + [len(r["negatives"]) for r in rows])
-        columns = {"anchor": [r["query"] for r in rows], "positive": [r["positive"] for r in rows]}
-        for i in range(k):
-            columns[f"negative_{i + 1}"] = [r["negatives"][i] for r in rows]
-        return Dataset.from_dict(columns)
-    pairs = [(data.queries[q], d) for q, ds in train_qrels.items() for d in ds]
-    pairs += _read_synthetic(Path(config.run_dir), data)
+        rows = [r for r in rows if r["query_id"] in allowed]
+        k = config.max_negatives
+        # Rows whose filters left fewer than k negatives train on in-batch negatives only, in their own set:
+        # a batch comes from one set at a time, so every row of a batch has the same columns.
+        full = [r for r in rows if len(r["negatives"]) >= k]
+        short = [r for r in rows if len(r["negatives"]) < k]
+        sets = {}
+        if full:
+            columns = {"anchor": [r["query"] for r in full], "positive": [r["positive"] for r in full]}
+            sets["hard_negatives"] = Dataset.from_dict(
+                {**columns, **{f"negative_{i + 1}": [r["negatives"][i] for r in full] for i in range(k)}}
+            )
+        if short:
+            sets["pairs"] = Dataset.from_dict(
+                {"anchor": [r["query"] for r in short], "positive": [r["positive"] for r in short]}
+            )
+        return DatasetDict(sets) if len(sets) > 1 else next(iter(sets.values()))
+    docs = data.doc_texts(config.doc_template)
+    queries = {**data.queries, **synthetic_queries}
+    pairs = [(queries[q], docs[d]) for q, ds in {**train_qrels, **synthetic_qrels}.items() for d in ds]
     if not pairs:
         raise ValueError("no training pairs: the train labels are empty")
-    return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [docs[d] for _, d in pairs]})
+    return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
 
 
 def dev_evaluator(data: BeirData, dev_qrels: dict, config: TrainConfig, prompt: str):
@@ -330,6 +334,7 @@ def _final_step_callback():
 
 def train(config: TrainConfig) -> dict:
     """Train, keep the best dev checkpoint, save adapter and merged model; returns the training log."""
+    from datasets import DatasetDict
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.training_args import BatchSamplers
 
@@ -351,7 +356,10 @@ def train(config: TrainConfig) -> dict:
         config.mini_batch_size,
         gather_across_devices=distributed,
     )
-    if config.loss == "triplet" and "negative_1" not in dataset.column_names:
+    if config.loss == "triplet" and isinstance(dataset, DatasetDict):
+        dataset = dataset["hard_negatives"]  # the triplet loss needs a negative in every row
+    sets = list(dataset.values()) if isinstance(dataset, DatasetDict) else [dataset]
+    if config.loss == "triplet" and "negative_1" not in sets[0].column_names:
         raise ValueError("the triplet loss needs hard negatives: run notebook 02 first, or pick loss='qwen3'")
     full = not hasattr(model[0].auto_model, "peft_config")  # LoRA: transformers or unsloth adapter
     evaluator = dev_evaluator(data, dev_qrels, config, prompt) if dev_qrels else None
@@ -397,7 +405,7 @@ def train(config: TrainConfig) -> dict:
     log = {
         "backend": backend,
         "config": dataclasses.asdict(config),
-        "n_train_rows": len(dataset),
+        "n_train_rows": sum(len(d) for d in sets),
         "world_size": args.world_size,
         "n_dev_queries": len(dev_qrels),
         "seconds": round(seconds, 1),
