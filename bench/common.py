@@ -47,13 +47,15 @@ def peak_rss_mb() -> float:
 def test_scores(model, data_dir, split: str | None = None) -> dict[str, float]:
     """NDCG@10, MRR@10 and Recall@100 of `model` on the test (else dev) split, as notebook 05 scores them."""
     from embtune.data import load_beir
+    from embtune.encode import encode
     from embtune.evaluate import dense_runs, score
 
     data = load_beir(data_dir, limits="off")
     qrels = data.relevant(split or data.eval_split())
     docs = data.doc_texts()
     queries = {q: data.queries[q] for q in qrels}
-    run = dense_runs(model, list(docs), list(docs.values()), queries, {"main": None})["main"]
+    doc_emb = encode(model, list(docs.values()))
+    run = dense_runs(model, doc_emb, list(docs), queries, {"main": None})["main"]
     return {k: v for k, v in score(qrels, run).items() if k in ("ndcg@10", "mrr@10", "recall@100")}
 
 

@@ -3,6 +3,7 @@ import pytest
 
 from conftest import SAMPLES
 from embtune.data import load_beir
+from embtune.encode import encode
 from embtune.evaluate import (
     METRICS,
     dense_runs,
@@ -79,7 +80,8 @@ def test_ndcg_equals_sentence_transformers_evaluator(minilm):
     qrels = data.relevant("test")
     queries = {q: data.queries[q] for q in qrels}
     docs = data.doc_texts()
-    ours = score(qrels, dense_runs(minilm, list(docs), list(docs.values()), queries, {"main": None})["main"])
+    doc_emb = encode(minilm, list(docs.values()))
+    ours = score(qrels, dense_runs(minilm, doc_emb, list(docs), queries, {"main": None})["main"])
     evaluator = InformationRetrievalEvaluator(
         queries, docs, {q: set(d) for q, d in qrels.items()}, ndcg_at_k=[10], mrr_at_k=[10], show_progress_bar=False
     )

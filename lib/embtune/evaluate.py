@@ -12,7 +12,7 @@ import torch
 from ranx import Qrels, Run, compare, evaluate
 from sentence_transformers.util import semantic_search
 
-from .encode import WEB_SEARCH_TASK, encode
+from .encode import WEB_SEARCH_TASK, encode, query_prompt
 from .files import atomic_path
 
 K_VALUES = (1, 3, 5, 10, 100)
@@ -42,20 +42,23 @@ def instruction_variants(model, instruction: str | None) -> dict[str, str | None
 
 def dense_runs(
     model,
+    doc_emb,
     doc_ids,
-    doc_texts,
     queries: dict[str, str],
     instructions: dict[str, str | None],
     top_k: int = 100,
     batch_size: int = 32,
 ) -> dict[str, dict]:
-    """One run per named instruction; the corpus is encoded once and shared."""
-    doc_emb = encode(model, doc_texts, "document", batch_size=batch_size)
+    """One run per named instruction against one set of document embeddings (see `mine.corpus_embeddings`,
+    which caches them per model and data, so the corpus is embedded once per run directory)."""
     query_ids = list(queries)
-    runs = {}
+    runs, by_prompt = {}, {}
     for name, instruction in instructions.items():
-        query_emb = encode(model, [queries[q] for q in query_ids], "query", instruction, batch_size=batch_size)
-        runs[name] = dense_search(query_emb, doc_emb, query_ids, doc_ids, top_k)
+        prompt = query_prompt(model, instruction)
+        if prompt not in by_prompt:  # two names for the same prompt share one encoding
+            query_emb = encode(model, [queries[q] for q in query_ids], "query", instruction, batch_size=batch_size)
+            by_prompt[prompt] = dense_search(query_emb, doc_emb, query_ids, doc_ids, top_k)
+        runs[name] = by_prompt[prompt]
     return runs
 
 

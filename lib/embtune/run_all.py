@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    paths = notebooks(Path(args.notebooks))
+    if not paths:
+        print(f"error: no numbered notebooks (NN_name.ipynb) in {args.notebooks}", file=sys.stderr)
+        return 2
     out_dir = Path(params["run_dir"]) / "notebooks"
-    for path in notebooks(Path(args.notebooks)):
+    for path in paths:
         print(f"== {path.name}", flush=True)
         try:
             run_notebook(path, out_dir, params)

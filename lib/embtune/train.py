@@ -47,9 +47,9 @@ class TrainConfig:
     temperature: float = 0.05
     matryoshka_dims: list[int] | None = None
     mini_batch_size: int = 16  # GradCache chunk for the cached losses
-    max_negatives: int = 3  # hard negatives per row, from notebook 02's output
+    max_negatives: int = 1  # hard negatives per row from notebook 02; each one adds a full batch of sequences
     # model
-    quant: str = "auto"  # 4bit | 8bit | none | auto (4bit on CUDA, none on CPU)
+    quant: str = "auto"  # 4bit | 8bit | none | auto (4bit for LoRA on CUDA, else none)
     full_finetune: bool | None = None  # None: full below 300M parameters, LoRA above
     lora_r: int = 16
     lora_alpha: int = 32
@@ -59,7 +59,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None  # None: on for CUDA
     # schedule
     batch_size: int = 32
-    epochs: float = 4.0  # with the best dev checkpoint kept, small data sets gain from several passes
+    epochs: float = 3.0  # with the best dev checkpoint kept, small data sets gain from several passes
     max_steps: int = -1
     learning_rate: float | None = None  # None: 2e-4 for LoRA, 5e-5 for full fine-tuning
     warmup_ratio: float = 0.1
@@ -408,6 +408,7 @@ def train(config: TrainConfig) -> dict:
         "n_train_rows": sum(len(d) for d in sets),
         "world_size": args.world_size,
         "n_dev_queries": len(dev_qrels),
+        "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "best_checkpoint": trainer.state.best_model_checkpoint,
