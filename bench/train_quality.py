@@ -46,7 +46,7 @@ def stock_recipe(data_dir: str, out: str, epochs: float) -> None:
         output_dir=out,
         per_device_train_batch_size=BATCH,
         num_train_epochs=epochs,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         save_strategy="no",
         report_to="none",

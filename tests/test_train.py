@@ -270,3 +270,10 @@ def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding
     assert len(dataset["hard_negatives"]) + len(dataset["pairs"]) == len(train_qrels)  # no dev query
     log = train(cfg)
     assert log["n_train_rows"] == len(train_qrels) and (run_dir / "model" / "modules.json").exists()
+
+
+def test_sequence_cap_never_exceeds_the_model_limit(minilm_path):
+    model, _ = load_for_training(TrainConfig(base_model=minilm_path, data_dir="d", run_dir="r"))
+    assert model.max_seq_length == 256  # MiniLM's own limit, under the 512 cap
+    model, _ = load_for_training(TrainConfig(base_model=minilm_path, data_dir="d", run_dir="r", max_seq_length=64))
+    assert model.max_seq_length == 64

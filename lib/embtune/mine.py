@@ -160,16 +160,8 @@ def mine(
     query_ids = sorted({q for q, _, _ in pairs})
     query_text = {q: t for q, t, _ in pairs}
     query_emb = encode(model, [query_text[q] for q in query_ids], "query", instruction, batch_size=config.batch_size)
-    depth = config.range_max + max(len(p) for p in positives.values())
-    candidates = {}
-    if config.candidates in ("dense", "both"):
-        _, dense = dense_candidates(query_emb, doc_emb, depth)
-        candidates = {q: list(row) for q, row in zip(query_ids, dense, strict=True)}
-    if config.candidates in ("bm25", "both"):
-        lexical = bm25_candidates([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
-        for q, qe, row in zip(query_ids, query_emb, lexical, strict=True):
-            merged = dict.fromkeys(candidates.get(q, []) + list(row))  # union, first-seen order
-            candidates[q] = sorted(merged, key=lambda i: -float(doc_emb[i] @ qe)) if q in candidates else list(row)
+    depth = config.range_max + max(len(p) for p in positives.values())  # the window survives their removal
+    candidates = _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_emb, depth)
     q_row = {q: i for i, q in enumerate(query_ids)}
     rng = random.Random(config.seed)
     stats = {
@@ -230,6 +222,23 @@ def mine(
             }
         )
     return rows, stats
+
+
+def _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_emb, depth) -> dict[str, list]:
+    """Candidate document rows per query: by the embedder, by BM25, or their union ranked by the embedder."""
+    dense = lexical = None
+    if config.candidates in ("dense", "both"):
+        dense = dense_candidates(query_emb, doc_emb, depth)[1]
+    if config.candidates in ("bm25", "both"):
+        lexical = bm25_candidates([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
+    if lexical is None:
+        return {q: list(row) for q, row in zip(query_ids, dense, strict=True)}
+    if dense is None:
+        return {q: list(row) for q, row in zip(query_ids, lexical, strict=True)}
+    return {
+        q: sorted(set(d) | set(b), key=lambda i: -float(doc_emb[i] @ qe))
+        for q, qe, d, b in zip(query_ids, query_emb, dense, lexical, strict=True)
+    }
 
 
 def _rerank_filter(reranker, survivors, query_text, doc_texts, config: MineConfig, stats):

@@ -55,7 +55,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(QWEN_TARGET_MODULES))
-    max_seq_length: int = 512
+    max_seq_length: int = 512  # a cap: never above the model's own limit (MiniLM: 256)
     gradient_checkpointing: bool | None = None  # None: on for CUDA
     # schedule
     batch_size: int = 32
@@ -169,8 +169,9 @@ def load_for_training(config: TrainConfig):
                 bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
             )
         model = SentenceTransformer(path, model_kwargs=model_kwargs, trust_remote_code=False)
-        model.max_seq_length = config.max_seq_length
         _keep_4bit_differentiable(model)
+    # Positions past the model's trained length are untrained, and attention memory grows with its square.
+    model.max_seq_length = min(model.max_seq_length or config.max_seq_length, config.max_seq_length)
     prepare(model)
     n_params = sum(p.numel() for p in model.parameters())
     gradient_checkpointing = (
@@ -370,7 +371,7 @@ def train(config: TrainConfig) -> dict:
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.learning_rate or (5e-5 if full else 2e-4),
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio of all steps
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be its own false negative
         prompts={"anchor": prompt} if prompt else None,
         eval_strategy="steps" if evaluator else "no",
