@@ -6,7 +6,6 @@ Each benchmark writes its numbers to `docs/benchmarks/<name>.json` and its table
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -85,6 +84,3 @@ def save_results(name: str, results: dict, section: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     write_text(page, text)
 
-
-def load_json(path) -> dict:
-    return json.loads(Path(path).read_text())
