@@ -9,6 +9,7 @@ DATA ?= data_samples/pydocs
 RUN ?= runs/pydocs
 GENERATOR ?=
 RERANKER ?=
+PARAMS ?=
 OUT ?= fixtures
 
 .PHONY: setup test run-all lint fixtures clean
@@ -29,7 +30,8 @@ test: setup
 
 run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \
-		$(if $(GENERATOR),--generator "$(GENERATOR)") $(if $(RERANKER),--reranker "$(RERANKER)")
+		$(if $(GENERATOR),--generator "$(GENERATOR)") $(if $(RERANKER),--reranker "$(RERANKER)") \
+		$(foreach p,$(PARAMS),--param "$(p)")
 
 lint: setup
 	$(VENV)/bin/ruff check lib tests bench notebooks data_samples

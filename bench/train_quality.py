@@ -1,11 +1,14 @@
-"""Does fine-tuning pay, and does our recipe beat the stock one? all-MiniLM-L6-v2 on real data, CPU.
+"""Does fine-tuning pay, does our recipe beat the stock one, and do mined negatives beat in-batch ones?
+all-MiniLM-L6-v2 on real data, CPU.
 
 For each data set: the base model; the stock sentence-transformers recipe (MultipleNegativesRankingLoss,
-in-batch negatives only, no-duplicates sampler, its default learning rate); and our default recipe
-(`embtune.train` with its defaults) — same batch size, same number of steps. Each system runs in its own
-process so peak memory is its own. Scores are on the test split; numbers go to docs/BENCHMARKS.md.
+in-batch negatives only, no-duplicates sampler, its default learning rate); our default recipe (`embtune.train`
+with its defaults) on in-batch negatives only; and, on the data sets in `--mined`, the same recipe on the hard
+negatives notebook 02 mines with its defaults — same batch size, same rows, same number of steps. Each system
+runs in its own process so peak memory is its own. Scores are on the test split; numbers go to
+docs/BENCHMARKS.md.
 
-    python bench/train_quality.py [--datasets scifact wikiqa] [--epochs N]
+    python bench/train_quality.py [--datasets scifact wikiqa] [--mined scifact] [--epochs N]
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def one(dataset: str, system: str, epochs: float) -> dict:
             stock_recipe(data_dir, run_dir, epochs)
             path = f"{run_dir}/model"
         else:
+            if system == "ours+mined":
+                from embtune.data import load_beir
+                from embtune.mine import mine, save
+
+                model = load_embedder(minilm_path(), device="cpu")
+                save(*mine(model, minilm_path(), load_beir(data_dir, limits="off"), run_dir), run_dir)
             train(
                 TrainConfig(
                     base_model=minilm_path(),
@@ -97,6 +106,7 @@ def one(dataset: str, system: str, epochs: float) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--datasets", nargs="+", default=["scifact", "wikiqa"])
+    parser.add_argument("--mined", nargs="*", default=["scifact"], help="data sets to also train on mined negatives")
     default_epochs = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "epochs")
     parser.add_argument("--epochs", type=float, default=default_epochs, help="default: our recipe's")
     parser.add_argument("--one", nargs=2, metavar=("DATASET", "SYSTEM"))
@@ -106,7 +116,7 @@ def main():
         return
     rows = []
     for dataset in args.datasets:
-        for system in ("base", "stock", "ours"):
+        for system in ("base", "stock", "ours", *(["ours+mined"] if dataset in args.mined else [])):
             out = subprocess.run(
                 [sys.executable, __file__, "--one", dataset, system, "--epochs", str(args.epochs)],
                 capture_output=True,
@@ -118,8 +128,10 @@ def main():
     table = markdown_table(rows, ["dataset", "system", "ndcg@10", "mrr@10", "recall@100", "train_s", "peak_rss_mb"])
     section = (
         f"## Fine-tuning quality: all-MiniLM-L6-v2, test split\n\n"
-        f"`bench/train_quality.py`: base, the stock sentence-transformers recipe (MNRL, in-batch negatives) "
-        f"and our default recipe, batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} tokens, on the CPU.\n\n" + table
+        f"`bench/train_quality.py`: base, the stock sentence-transformers recipe (MNRL, in-batch negatives), "
+        f"our default recipe on in-batch negatives (`ours`) and on notebook 02's mined negatives (`ours+mined`, "
+        f"which includes the mining time), batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} tokens, on the CPU."
+        f"\n\n" + table
     )
     save_results("train_quality", {"batch_size": BATCH, "epochs": args.epochs, "rows": rows}, section)
 

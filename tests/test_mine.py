@@ -58,7 +58,7 @@ def test_copies_of_the_positive_and_labelled_positives_are_never_negatives(plant
 def test_no_labelled_positive_is_ever_a_negative_on_real_data(minilm, minilm_path, tmp_path):
     data = load_beir(SAMPLES / "pydocs")
     rows, stats = mine(minilm, minilm_path, data, tmp_path / "run", MineConfig(candidates="both"))
-    _, positives = training_pairs(data, tmp_path / "run")
+    _, _, positives = training_pairs(data, tmp_path / "run")
     assert len(rows) == stats["pairs"] == 276
     assert all(not set(r["negative_ids"]) & positives[r["query_id"]] for r in rows)
     # Every kept negative passed the relative margin against its positive.
@@ -116,7 +116,6 @@ def test_reranker_vetoes_what_it_scores_above_the_threshold(planted, minilm, min
     from sentence_transformers import CrossEncoder
 
     reranker = CrossEncoder(minilm_path, num_labels=1)  # a real cross-encoder, untrained head
-    pairs, _ = training_pairs(planted, tmp_path)
     base = MineConfig(num_negatives=10, relative_margin=None, near_duplicate=None)
     rows, _ = mine(minilm, minilm_path, planted, tmp_path / "run", base)
     scores = reranker.predict([(r["query"], n) for r in rows for n in r["negatives"]])

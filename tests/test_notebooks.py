@@ -40,7 +40,8 @@ def run_all(*args, env=None, timeout=900):
 
 
 def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
-    """`make run-all` end to end on the tiny model: 02 mines, 03 trains on it, 05 scores base against fine-tuned."""
+    """`make run-all` end to end on the tiny model: 02 mines, 03 trains on it, 04 and 05 score base against
+    fine-tuned."""
     run = tmp_path / "run"
     result = run_all("--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,6 +57,16 @@ def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
     assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 276 and log["n_dev_queries"] == 69
     assert log["eval_curve"][-1]["step"] == log["steps"] > 0  # the final step is evaluated too
     assert (run / "model" / "modules.json").exists() and (run / "train_loss.png").exists()
+    # 01 is skipped (no generator: the sample has train labels)
+    assert not (run / "synthetic").exists()
+    # 04: quality per dimension and precision for both systems, the recommendation, the bill, the plot
+    mrl = json.loads((run / "mrl.json").read_text())
+    assert mrl["dims"] == [64, 32] and set(mrl["systems"]) == {"base", "finetuned"}
+    assert all(set(curve) == {"64", "32"} for curve in mrl["systems"].values())
+    assert set(mrl["quantized"]["finetuned"]) == {"float32", "float16", "int8", "int8+rescore", "binary",
+                                                  "binary+rescore"}  # fmt: skip
+    assert mrl["recommended_dim"] in (64, 32) and len(mrl["storage"]) == 3 * 2 * 4
+    assert (run / "mrl.png").read_bytes()[:4] == b"\x89PNG"
     # 05: both systems, every metric, significance, ablation, report and plot
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_queries"] == 115 and metrics["n_docs"] == 639
@@ -105,6 +116,41 @@ def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, mini
     assert "finetuned | " in (run / "report.md").read_text()
 
 
+def test_run_all_without_labels_trains_on_synthetic_queries(tmp_path, tiny_embedding):
+    """No qrels/train.tsv: notebook 01 writes queries by the inverse cloze task, and 02, 03 and 05 use them."""
+    import shutil
+
+    data = shutil.copytree(SAMPLES / "pydocs", tmp_path / "data")
+    (data / "qrels" / "train.tsv").unlink()
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--model", str(tiny_embedding), "--run", str(run)]
+    refused = run_all(*args)
+    assert refused.returncode == 2 and "GENERATOR=ict" in refused.stderr and not run.exists()
+    # a random tiny model cannot judge relevance: the embedding filters are off here (tested with MiniLM)
+    filters = ["--param", "min_cosine=None", "--param", "round_trip_k=None", "--param", "max_documents=150"]
+    result = run_all(*args, "--generator", "ict", *filters)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((run / "synthetic" / "stats.json").read_text())
+    assert stats["generator"] == "inverse cloze task (no LLM)" and stats["documents"] == 150 and stats["kept"] > 100
+    log = json.loads((run / "train_log.json").read_text())
+    assert log["n_train_rows"] == stats["kept"] and log["n_dev_queries"] == 69  # the sample's own dev split
+    negatives = [json.loads(line) for line in (run / "hard_negatives" / "train.jsonl").read_text().splitlines()]
+    assert len(negatives) == stats["kept"] and all(r["query_id"].startswith("synthetic:") for r in negatives)
+    assert all(r["positive_id"] not in r["negative_ids"] for r in negatives)
+    assert list(json.loads((run / "metrics.json").read_text())["systems"]) == ["base", "finetuned"]
+    typo = run_all(*args, "--generator", "ict", "--param", "min_cosin=0.5")
+    assert typo.returncode == 2 and "min_cosin" in typo.stderr
+
+
+def test_param_values_are_python_literals_or_strings():
+    from embtune.run_all import parse_param
+
+    assert parse_param("epochs=1") == ("epochs", 1)
+    assert parse_param("min_cosine=None") == ("min_cosine", None)
+    assert parse_param("matryoshka_dims=[64, 128]") == ("matryoshka_dims", [64, 128])
+    assert parse_param("language=German") == ("language", "German")
+
+
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_unreachable_hub_stops_in_seconds_with_one_line(tmp_path, offline):
     env = {"HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -125,18 +171,31 @@ def test_unreachable_hub_stops_in_seconds_with_one_line(tmp_path, offline):
     assert not (tmp_path / "run").exists()
 
 
-def test_notebook_03_defaults_are_the_library_defaults():
-    """One source of truth: each training knob in notebook 03 starts at TrainConfig's default."""
-    import ast
+def _defaults(cls) -> dict:
     import dataclasses
 
-    from embtune.train import TrainConfig
+    fields = [f for f in dataclasses.fields(cls) if f.default is not f.default_factory]  # both MISSING: required
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in fields}
 
-    declared = pm.inspect_notebook(str(ROOT / "notebooks" / "03_train.ipynb"))
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    shared = set(declared) & set(fields) - {"data_dir", "run_dir", "base_model"}
-    assert len(shared) > 20
-    for name in shared:
-        f = fields[name]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        assert ast.literal_eval(declared[name]["default"]) == default, name
+
+@pytest.mark.parametrize(
+    "notebook, config, minimum",
+    [("03_train", "embtune.train:TrainConfig", 20), ("01_synthetic_queries", "embtune.synthetic:SynthConfig", 15)],
+)
+def test_notebook_defaults_are_the_library_defaults(notebook, config, minimum):
+    """One source of truth: each knob of notebooks 01 and 03 starts at its config class's default (notebook 01's
+    prompt knobs at PromptConfig's)."""
+    import ast
+    import importlib
+
+    from embtune.generators import PromptConfig
+
+    module, name = config.split(":")
+    defaults = {**_defaults(getattr(importlib.import_module(module), name)), **_defaults(PromptConfig)}
+    defaults["generator_model"] = ""  # notebook 01 is skipped unless a generator is named
+    declared = pm.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))
+    shared = set(declared) & set(defaults) - {"data_dir", "run_dir", "base_model"}
+    assert len(shared) > minimum
+    for param in shared:
+        value = ast.literal_eval(declared[param]["default"])
+        assert value == defaults[param] or (param == "personas" and value is None), param

@@ -237,14 +237,15 @@ def test_plan_full_for_small_models_lora_for_large(tmp_path, minilm_path):
 def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding):
     """Rows the filters left with fewer than max_negatives negatives train on in-batch negatives, in their own set;
     dev queries never enter training."""
-    from embtune.data import load_beir
+    from embtune.data import load_beir, training_labels
     from embtune.train import split_train_dev, training_dataset
 
     run_dir = tmp_path / "run"
     (run_dir / "hard_negatives").mkdir(parents=True)
     data = load_beir(SAMPLES / "pydocs")
     cfg = config(tiny_embedding, run_dir, max_negatives=2, max_steps=3)
-    train_qrels, dev_qrels = split_train_dev(data, cfg)
+    labels = training_labels(data, run_dir)
+    train_qrels, dev_qrels = split_train_dev(data, labels, cfg)
     docs = data.doc_texts()
     rows = []
     for i, (q, positives) in enumerate(sorted({**train_qrels, **dev_qrels}.items())):
@@ -263,7 +264,7 @@ def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding
             }
         )
     (run_dir / "hard_negatives" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dataset = training_dataset(data, train_qrels, cfg)
+    dataset = training_dataset(data, labels, train_qrels, cfg)
     assert set(dataset) == {"hard_negatives", "pairs"}
     assert dataset["hard_negatives"].column_names == ["anchor", "positive", "negative_1", "negative_2"]
     assert dataset["pairs"].column_names == ["anchor", "positive"]

@@ -215,18 +215,38 @@ def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
     return data
 
 
-def load_synthetic(run_dir: str | Path, data: BeirData) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """Notebook 01's generated queries (`run_dir/synthetic/`, BEIR layout) against `data`'s corpus, with ids
-    prefixed `synthetic:` so they never collide with labelled ones; empty when there are none."""
+@dataclass
+class TrainingLabels:
+    """What training learns from: the train labels plus notebook 01's synthetic queries."""
+
+    queries: dict[str, str]  # query id -> text (labelled and synthetic)
+    qrels: dict[str, dict[str, int]]  # query id -> relevant doc id -> score (> 0)
+    # Synthetic query id -> the view of its document to train on, when it is not the whole document
+    # (inverse cloze task and cropping take the query out of the document; see embtune.generators).
+    views: dict[str, dict[str, str]]
+    labelled: set[str]  # ids of the labelled (not synthetic) training queries
+
+    def positive_text(self, query_id: str, doc_id: str, docs: dict[str, str], template: str) -> str:
+        view = self.views.get(query_id)
+        return (template.format(**view).strip() if view["title"] else view["text"]) if view else docs[doc_id]
+
+
+def training_labels(data: BeirData, run_dir: str | Path) -> TrainingLabels:
+    """The train split (score > 0) plus `run_dir/synthetic/` (BEIR layout, from notebook 01) against `data`'s
+    corpus, synthetic ids prefixed `synthetic:` so they never collide with labelled ones."""
+    labelled = data.relevant("train") if "train" in data.qrels else {}
+    queries, qrels, views = dict(data.queries), dict(labelled), {}
     folder = Path(run_dir) / "synthetic"
-    if not (folder / "qrels" / "train.tsv").exists():
-        return {}, {}
-    queries = {qid: q["text"] for qid, q in read_jsonl(folder / "queries.jsonl").items()}
-    qrels = read_qrels(folder / "qrels" / "train.tsv", data.corpus, queries)
-    return (
-        {f"synthetic:{q}": t for q, t in queries.items()},
-        {f"synthetic:{q}": {d: s for d, s in docs.items() if s > 0} for q, docs in qrels.items()},
-    )
+    if (folder / "qrels" / "train.tsv").exists():
+        rows = read_jsonl(folder / "queries.jsonl", optional=("view_title", "view_text"))
+        synthetic = read_qrels(folder / "qrels" / "train.tsv", data.corpus, rows)
+        for qid, docs in synthetic.items():
+            key = f"synthetic:{qid}"
+            queries[key] = rows[qid]["text"]
+            qrels[key] = {d: s for d, s in docs.items() if s > 0}
+            if rows[qid]["view_text"]:
+                views[key] = {"title": rows[qid]["view_title"], "text": rows[qid]["view_text"]}
+    return TrainingLabels(queries, qrels, views, set(labelled))
 
 
 def check_limits(data: BeirData, mode: str = "warn") -> list[str]:

@@ -69,6 +69,8 @@ def _ranx(qrels: dict, run: dict, name: str = "run") -> tuple[Qrels, Run]:
 def score(qrels: dict, run: dict, metrics: list[str] = METRICS) -> dict[str, float]:
     """Mean of each metric over the labelled queries (graded relevance: score > 0 is relevant)."""
     result = evaluate(*_ranx(qrels, run), metrics, make_comparable=True)
+    if not isinstance(result, dict):  # ranx returns a bare number for one metric
+        result = {metrics[0]: result}
     return {m: round(float(result[m]), 6) for m in metrics}
 
 

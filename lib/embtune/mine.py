@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DEFAULT_DOC_TEMPLATE, BeirData, load_synthetic
+from .data import DEFAULT_DOC_TEMPLATE, BeirData, TrainingLabels, training_labels
 from .encode import encode
 from .files import atomic_path
 
@@ -120,18 +120,16 @@ def bm25_candidates(queries: list[str], docs: list[str], k: int, stopwords: str 
 FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
 
 
-def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[list[tuple[str, str, str]], dict[str, set[str]]]:
-    """(query id, query text, positive id) for the train labels and notebook 01's synthetic queries, and every
-    labelled positive of each query in any split (none of which may become one of its negatives)."""
-    synthetic_queries, synthetic_qrels = load_synthetic(run_dir, data)
-    queries = {**data.queries, **synthetic_queries}
-    train = {**(data.relevant("train") if "train" in data.qrels else {}), **synthetic_qrels}
-    positives = {q: set(docs) for q, docs in train.items()}
+def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[TrainingLabels, list[tuple[str, str]], dict]:
+    """The training labels, their (query id, positive id) pairs, and every labelled positive of each query in
+    any split (none of which may become one of its negatives)."""
+    labels = training_labels(data, run_dir)
+    positives = {q: set(docs) for q, docs in labels.qrels.items()}
     for split in data.qrels:
         for q, docs in data.relevant(split).items():
             positives.setdefault(q, set()).update(docs)
-    pairs = [(q, queries[q], d) for q in sorted(train) for d in sorted(train[q])]
-    return pairs, positives
+    pairs = [(q, d) for q in sorted(labels.qrels) for d in sorted(labels.qrels[q])]
+    return labels, pairs, positives
 
 
 def mine(
@@ -149,7 +147,7 @@ def mine(
     from tqdm.auto import tqdm
 
     config = config or MineConfig()
-    pairs, positives = training_pairs(data, run_dir)
+    labels, pairs, positives = training_pairs(data, run_dir)
     if config.candidates not in ("dense", "bm25", "both") or config.sampling not in ("top", "random"):
         raise ValueError(f"candidates must be dense|bm25|both and sampling top|random, got {config}")
     docs = data.doc_texts(template)
@@ -157,8 +155,8 @@ def mine(
     row_of = {d: i for i, d in enumerate(doc_ids)}
     doc_emb = corpus_embeddings(model, model_path, data, run_dir, template, config.batch_size)
     print(memory_estimate(len(doc_ids), doc_emb.shape[1], len(doc_ids) >= FAISS_MIN_DOCS), flush=True)
-    query_ids = sorted({q for q, _, _ in pairs})
-    query_text = {q: t for q, t, _ in pairs}
+    query_ids = sorted({q for q, _ in pairs})
+    query_text = {q: labels.queries[q] for q in query_ids}
     query_emb = encode(model, [query_text[q] for q in query_ids], "query", instruction, batch_size=config.batch_size)
     depth = config.range_max + max(len(p) for p in positives.values())  # the window survives their removal
     candidates = _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_emb, depth)
@@ -176,7 +174,7 @@ def mine(
         "config": asdict(config),
     }
     survivors = []
-    for qid, _, pos_id in tqdm(pairs, desc="Filtering negatives"):
+    for qid, pos_id in tqdm(pairs, desc="Filtering negatives"):
         qe, pe, pos_text = query_emb[q_row[qid]], doc_emb[row_of[pos_id]], _normalized(docs[pos_id])
         ranked = [i for i in candidates[qid] if doc_ids[i] not in positives[qid]]
         stats["labelled_positives_excluded"] += len(candidates[qid]) - len(ranked)
@@ -214,7 +212,7 @@ def mine(
                 "query_id": qid,
                 "query": query_text[qid],
                 "positive_id": pos_id,
-                "positive": docs[pos_id],
+                "positive": labels.positive_text(qid, pos_id, docs, template),
                 "negative_ids": [doc_ids[i] for i, _ in chosen],
                 "negatives": [doc_texts[i] for i, _ in chosen],
                 "positive_score": round(pos_score, 6),

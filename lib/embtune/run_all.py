@@ -3,12 +3,17 @@
 Inputs are checked first (data layout, model folders or hub), so a bad input costs seconds and one line,
 and leaves nothing behind. Executed notebooks are saved under `RUN/notebooks/`.
 
-    python -m embtune.run_all --data DIR --model NAME_OR_DIR --run DIR [--generator G] [--reranker R]
+    python -m embtune.run_all --data DIR --model NAME_OR_DIR --run DIR [--generator G] [--reranker R] \
+        [--param NAME=VALUE ...]
+
+`--param` sets any notebook parameter (a Python literal, else a string) in every notebook that declares it,
+e.g. `--param epochs=1 --param min_cosine=None`; `make run-all PARAMS="epochs=1 min_cosine=None"` does the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 from pathlib import Path
@@ -24,6 +29,17 @@ PARAMETERS = {
 }
 
 
+def parse_param(text: str) -> tuple[str, object]:
+    """`NAME=VALUE` with VALUE a Python literal (1, 0.5, None, [64, 128], "x"), else taken as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name.strip(), value
+
+
 def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     """The numbered notebooks (`NN_name.ipynb`), in order."""
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
@@ -31,10 +47,20 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
 
 def preflight(args: argparse.Namespace) -> dict[str, str]:
     """Validate the inputs and return the notebook parameters (paths made absolute)."""
-    from .data import load_beir
+    from .data import DataError, load_beir
+    from .generators import UNSUPERVISED
     from .models import resolve
 
-    load_beir(args.data, limits=args.limits)
+    data = load_beir(args.data, limits=args.limits)
+    synthetic = Path(args.run) / "synthetic" / "qrels" / "train.tsv"
+    if "train" not in data.qrels and not args.generator and not synthetic.exists():
+        raise DataError(
+            Path(args.data) / "qrels" / "train.tsv",
+            None,
+            "no training labels",
+            "add them, or let notebook 01 write synthetic queries: GENERATOR=ict needs no LLM "
+            "(or GENERATOR=openai:<model> with OPENAI_BASE_URL, or a local causal LM folder)",
+        )
     params = {
         "data_dir": str(Path(args.data).resolve()),
         "run_dir": str(Path(args.run).resolve()),
@@ -43,8 +69,9 @@ def preflight(args: argparse.Namespace) -> dict[str, str]:
     if args.reranker:
         params["reranker_model"] = resolve(args.reranker, "RERANKER")
     if args.generator:
-        params["generator_model"] = args.generator
-    return params
+        local = args.generator not in UNSUPERVISED and not args.generator.startswith("openai:")
+        params["generator_model"] = resolve(args.generator, "GENERATOR") if local else args.generator
+    return {**params, **dict(args.param)}
 
 
 def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
@@ -84,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["error", "warn", "off"],
         help="Vertex AI dataset limits: fail, warn or ignore",
     )
+    parser.add_argument(
+        "--param", action="append", default=[], type=parse_param, metavar="NAME=VALUE", help="a notebook parameter"
+    )
     parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of numbered notebooks")
     args = parser.parse_args(argv)
 
@@ -100,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = notebooks(Path(args.notebooks))
     if not paths:
         print(f"error: no numbered notebooks (NN_name.ipynb) in {args.notebooks}", file=sys.stderr)
+        return 2
+    import papermill as pm
+
+    declared = set().union(*(pm.inspect_notebook(str(p)) for p in paths))
+    unknown = sorted({name for name, _ in args.param} - declared)
+    if unknown:
+        print(f"error: no notebook has the parameter(s) {', '.join(unknown)}; check the spelling", file=sys.stderr)
         return 2
     out_dir = Path(params["run_dir"]) / "notebooks"
     for path in paths:

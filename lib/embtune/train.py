@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_DOC_TEMPLATE, BeirData, load_beir, load_synthetic
+from .data import DEFAULT_DOC_TEMPLATE, BeirData, TrainingLabels, load_beir, training_labels
 from .encode import prepare, query_prompt
 from .files import replace_dir, write_json
 from .losses import build_loss
@@ -216,34 +216,32 @@ def load_for_training(config: TrainConfig):
     return model, description
 
 
-def split_train_dev(data: BeirData, config: TrainConfig) -> tuple[dict, dict]:
-    """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the train queries."""
-    if "train" not in data.qrels and not load_synthetic(config.run_dir, data)[1]:
+def split_train_dev(data: BeirData, labels: TrainingLabels, config: TrainConfig) -> tuple[dict, dict]:
+    """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the labelled training queries
+    (of the synthetic ones too when fewer than 20 are labelled)."""
+    if not labels.qrels:
         raise ValueError(
             f"{data.path}: no qrels/train.tsv and no synthetic queries in {config.run_dir}/synthetic; "
-            "add training labels or run notebook 01 first"
+            "add training labels or run notebook 01 first (GENERATOR=ict needs no LLM)"
         )
-    train = data.relevant("train") if "train" in data.qrels else {}
     if "dev" in data.qrels:
-        return train, data.relevant("dev")
-    ids = sorted(train)
-    random.Random(config.seed).shuffle(ids)
-    n_dev = min(200, int(len(ids) * config.dev_fraction)) if len(ids) >= 20 else 0
-    dev_ids = set(ids[:n_dev])
-    return {q: d for q, d in train.items() if q not in dev_ids}, {q: train[q] for q in dev_ids}
+        return labels.qrels, data.relevant("dev")
+    pool = sorted(labels.labelled) if len(labels.labelled) >= 20 else sorted(labels.qrels)
+    random.Random(config.seed).shuffle(pool)
+    n_dev = min(200, int(len(pool) * config.dev_fraction)) if len(pool) >= 20 else 0
+    dev_ids = set(pool[:n_dev])
+    return {q: d for q, d in labels.qrels.items() if q not in dev_ids}, {q: labels.qrels[q] for q in dev_ids}
 
 
-def training_dataset(data: BeirData, train_qrels: dict, config: TrainConfig):
+def training_dataset(data: BeirData, labels: TrainingLabels, train_qrels: dict, config: TrainConfig):
     """Rows (anchor, positive[, negative_1..n]) from notebook 02's hard negatives when present, else pairs
     from the train labels plus notebook 01's synthetic queries. Dev queries never enter training."""
     from datasets import Dataset, DatasetDict
 
-    synthetic_queries, synthetic_qrels = load_synthetic(config.run_dir, data)
     negatives_file = Path(config.run_dir) / "hard_negatives" / "train.jsonl"
     if negatives_file.exists():
-        allowed = set(train_qrels) | set(synthetic_qrels)
         rows = [json.loads(line) for line in negatives_file.read_text(encoding="utf-8").splitlines() if line]
-        rows = [r for r in rows if r["query_id"] in allowed]
+        rows = [r for r in rows if r["query_id"] in train_qrels]
         k = config.max_negatives
         # Rows whose filters left fewer than k negatives train on in-batch negatives only, in their own set:
         # a batch comes from one set at a time, so every row of a batch has the same columns.
@@ -261,14 +259,15 @@ def training_dataset(data: BeirData, train_qrels: dict, config: TrainConfig):
             )
         return DatasetDict(sets) if len(sets) > 1 else next(iter(sets.values()))
     docs = data.doc_texts(config.doc_template)
-    queries = {**data.queries, **synthetic_queries}
-    pairs = [(queries[q], docs[d]) for q, ds in {**train_qrels, **synthetic_qrels}.items() for d in ds]
-    if not pairs:
-        raise ValueError("no training pairs: the train labels are empty")
+    pairs = [
+        (labels.queries[q], labels.positive_text(q, d, docs, config.doc_template))
+        for q, ds in train_qrels.items()
+        for d in ds
+    ]
     return Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
 
 
-def dev_evaluator(data: BeirData, dev_qrels: dict, config: TrainConfig, prompt: str):
+def dev_evaluator(data: BeirData, queries: dict, dev_qrels: dict, config: TrainConfig, prompt: str):
     """NDCG@10 on the dev queries against their positives plus a seeded sample of the corpus."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
@@ -278,7 +277,7 @@ def dev_evaluator(data: BeirData, dev_qrels: dict, config: TrainConfig, prompt: 
     random.Random(config.seed).shuffle(others)
     keep |= set(others[: max(0, config.eval_corpus_size - len(keep))])
     return InformationRetrievalEvaluator(
-        {q: data.queries[q] for q in dev_qrels},
+        {q: queries[q] for q in dev_qrels},
         {d: docs[d] for d in sorted(keep)},
         {q: set(ds) for q, ds in dev_qrels.items()},
         name="dev",
@@ -343,11 +342,12 @@ def train(config: TrainConfig) -> dict:
 
     run_dir = Path(config.run_dir)
     data = load_beir(config.data_dir, limits="off")
-    train_qrels, dev_qrels = split_train_dev(data, config)
+    labels = training_labels(data, config.run_dir)
+    train_qrels, dev_qrels = split_train_dev(data, labels, config)
     model, backend = load_for_training(config)
     print(backend, flush=True)
     prompt = query_prompt(model, config.instruction)
-    dataset = training_dataset(data, train_qrels, config)
+    dataset = training_dataset(data, labels, train_qrels, config)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
     loss = build_loss(
         config.loss,
@@ -363,7 +363,7 @@ def train(config: TrainConfig) -> dict:
     if config.loss == "triplet" and "negative_1" not in sets[0].column_names:
         raise ValueError("the triplet loss needs hard negatives: run notebook 02 first, or pick loss='qwen3'")
     full = not hasattr(model[0].auto_model, "peft_config")  # LoRA: transformers or unsloth adapter
-    evaluator = dev_evaluator(data, dev_qrels, config, prompt) if dev_qrels else None
+    evaluator = dev_evaluator(data, labels.queries, dev_qrels, config, prompt) if dev_qrels else None
     checkpoints = run_dir / "checkpoints"
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),

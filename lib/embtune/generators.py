@@ -1,0 +1,257 @@
+"""Where notebook 01's queries come from: an LLM behind an OpenAI-compatible endpoint, a causal LM in this
+process, or no LLM at all (inverse cloze task and independent cropping).
+
+The prompt follows the Qwen3-Embedding report's synthesis recipe: each document gets a persona, a query type,
+a difficulty, a length and an output language, with the instructions in English, and the reply is asked for
+as JSON. Replies are parsed leniently (JSON, fenced JSON, or one query per line), since small models stray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+UNSUPERVISED = ("ict", "crop")
+PERSONAS = [
+    "a domain expert checking a detail",
+    "a student new to the field",
+    "a practitioner solving a problem at work",
+    "a curious member of the public",
+]
+QUERY_TYPES = {
+    "keyword": ("a keyword query, as typed into a search box", "2 to 6"),
+    "question": ("a natural-language question", "6 to 20"),
+    "long": ("a detailed description of an information need", "20 to 50"),
+}
+DIFFICULTIES = ["high school", "university", "PhD"]
+SAME_LANGUAGE = "the same language as the document"
+
+
+class GeneratorError(RuntimeError):
+    """The generator cannot go on (endpoint refused or unreachable after retries, bad settings)."""
+
+
+@dataclass
+class PromptConfig:
+    queries_per_doc: int = 1
+    personas: list[str] = field(default_factory=lambda: list(PERSONAS))
+    query_types: list[str] = field(default_factory=lambda: list(QUERY_TYPES))
+    difficulties: list[str] = field(default_factory=lambda: list(DIFFICULTIES))
+    language: str = SAME_LANGUAGE
+    max_doc_chars: int = 4000  # the document is cut here in the prompt
+
+
+def build_prompt(document: str, config: PromptConfig, rng: random.Random) -> str:
+    unknown = set(config.query_types) - set(QUERY_TYPES)
+    if unknown:
+        raise GeneratorError(f"unknown query types {sorted(unknown)}; pick from {list(QUERY_TYPES)}")
+    kind, words = QUERY_TYPES[rng.choice(config.query_types)]
+    n = config.queries_per_doc
+    return (
+        f"You are {rng.choice(config.personas)}. Read the document below and write {n} search "
+        f"quer{'y' if n == 1 else 'ies'} that this document answers.\n"
+        f"- Query type: {kind}.\n"
+        f"- Difficulty: {rng.choice(config.difficulties)} level.\n"
+        f"- Length: {words} words.\n"
+        f"- Language: {config.language}.\n"
+        "- Do not copy sentences from the document; a reader must not need the document to understand the query.\n\n"
+        f'Document:\n"""\n{document[: config.max_doc_chars]}\n"""\n\n'
+        'Reply with JSON only, in this form: {"queries": ["..."]}'
+    )
+
+
+def judge_prompt(query: str, document: str, max_doc_chars: int = 4000) -> str:
+    return (
+        "Rate how well the document answers the search query, from 1 (not at all) to 5 (fully).\n\n"
+        f'Query: {query}\n\nDocument:\n"""\n{document[:max_doc_chars]}\n"""\n\n'
+        "Reply with the number only."
+    )
+
+
+def parse_score(reply: str) -> int | None:
+    match = re.search(r"[1-5]", _strip_thinking(reply))
+    return int(match.group()) if match else None
+
+
+def _strip_thinking(reply: str) -> str:
+    return re.sub(r"<think>.*?</think>", "", reply or "", flags=re.S).strip()
+
+
+_LABEL = re.compile(r"^\s*(?:(?:[-*•]|\d+[.)]|quer(?:y|ies)\s*\d*\s*:)\s*)+", re.I)  # "1. Query: "
+
+
+def parse_queries(reply: str) -> list[str]:
+    """Queries from a reply: `{"queries": [...]}`, `{"query": ...}`, a JSON list (inside a code fence or prose
+    or not), else one query per line with bullets, numbering, `Query:` labels and quotes removed."""
+    text = _strip_thinking(reply)
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            value = value.get("queries", value.get("query"))
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            found = [v.get("query") if isinstance(v, dict) else v for v in value]
+            return [q.strip() for q in found if isinstance(q, str) and q.strip()]
+    queries = []
+    for line in text.splitlines():
+        line = _LABEL.sub("", line).strip().strip("\"'`")
+        if line and not line.startswith("```") and not line.endswith(":"):
+            queries.append(line)
+    return queries
+
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp server, a hosted API).
+
+    Written on the standard library rather than the `openai` package: one POST route, and the retry, back-off
+    and budget rules below are ours to state and test either way.
+    """
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    temperature: float = 0.7
+    max_tokens: int = 256
+    tokens_used: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def chat(self, prompt: str) -> str:
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    reply = json.loads(response.read())
+                content = reply["choices"][0]["message"]["content"]
+                with self._lock:  # calls run in parallel threads
+                    self.tokens_used += int((reply.get("usage") or {}).get("total_tokens", 0))
+                return content or ""
+            except urllib.error.HTTPError as e:
+                problem = f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}"
+                if e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying won't help
+                    raise GeneratorError(f"{url} refused the request: {problem}") from None
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                problem = f"malformed response ({type(e).__name__}: {e})"
+        raise GeneratorError(f"{url} failed {self.max_retries + 1} times, last: {problem}; rerun to resume")
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self.chat, prompts))
+
+
+class LocalLM:
+    """A causal LM in this process: unsloth's FastLanguageModel in 4-bit on a GPU, else transformers.
+    A `.gguf` file path is loaded by transformers with `gguf_file=` (de-quantised)."""
+
+    def __init__(self, name: str, max_new_tokens: int = 256, temperature: float = 0.0, trust_remote_code=False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if name.endswith(".gguf"):
+            name, kwargs["gguf_file"] = os.path.split(name)
+        self.model = None
+        if torch.cuda.is_available() and "gguf_file" not in kwargs:
+            try:
+                from unsloth import FastLanguageModel
+
+                self.model, self.tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=True, **kwargs)
+                FastLanguageModel.for_inference(self.model)
+            except ImportError:
+                pass
+        if self.model is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _chat(self, prompt: str) -> str:
+        if self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        batch = self.tokenizer([self._chat(p) for p in prompts], return_tensors="pt", padding=True)
+        batch = batch.to(self.model.device)
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {}
+        with torch.no_grad():
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])")
+
+
+def ict(doc: dict, rng: random.Random, keep: float = 0.1, min_chars: int = 20):
+    """Inverse cloze task (Lee et al., 2019): a sentence is the query, the rest of the document its positive;
+    the sentence stays in with probability `keep`, so lexical matching is learned too. None for one-liners."""
+    sentences = [s for s in _SENTENCE_END.split(doc["text"]) if s.strip()]
+    usable = [i for i, s in enumerate(sentences) if len(s.strip()) >= min_chars]
+    if len(sentences) < 2 or not usable:
+        return None
+    i = rng.choice(usable)
+    rest = sentences if rng.random() < keep else sentences[:i] + sentences[i + 1 :]
+    return sentences[i].strip(), {"title": doc["title"], "text": " ".join(s.strip() for s in rest)}
+
+
+def crop(doc: dict, rng: random.Random, low: float = 0.1, high: float = 0.5, min_units: int = 8):
+    """Independent cropping (Contriever, Izacard et al., 2022): two random spans of the document, each 10-50 %
+    of it, as query and positive. Spans are of words, or of characters in scripts written without spaces.
+    None for documents under `min_units` units."""
+    text = doc["text"]
+    words = text.split()
+    spaced = len(words) * 20 >= len(text)  # Chinese or Japanese text has few spaces: crop characters
+    units, joiner = (words, " ") if spaced else (list(text.replace(" ", "")), "")
+    if len(units) < min_units:
+        return None
+
+    def span():
+        n = max(1, round(len(units) * rng.uniform(low, high)))
+        start = rng.randrange(len(units) - n + 1)
+        return joiner.join(units[start : start + n])
+
+    return span(), {"title": "", "text": span()}

@@ -1,0 +1,83 @@
+"""Rerankers: Qwen3-Reranker (a causal LM read at its `yes`/`no` logits) and any sentence-transformers
+CrossEncoder, both loaded as a sentence-transformers `CrossEncoder`.
+
+For a causal LM, sentence-transformers scores a (query, document) pair with its `LogitScore` module:
+logit(yes) - logit(no) at the last position, left padded; the CrossEncoder's sigmoid turns that into
+exp(yes) / (exp(yes) + exp(no)) = P(yes), exactly Qwen's score. The prompt comes from the tokenizer's chat
+template with `query` and `document` roles; `CHAT_TEMPLATE` below renders Qwen3-Reranker's official prompt
+and is saved with every model we write, so training and scoring can never use two different templates.
+Batching, length sorting and the progress bar are sentence-transformers' `predict`.
+"""
+
+from __future__ import annotations
+
+from .encode import WEB_SEARCH_TASK
+
+SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def format_pair(query: str, document: str, instruction: str = WEB_SEARCH_TASK) -> str:
+    """The user turn of Qwen3-Reranker's prompt (its model card's `format_instruction`)."""
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# PREFIX + format_pair(query, document, instruction) + SUFFIX; a system message, which sentence-transformers
+# makes of `predict(..., prompt=...)`, is the instruction. Message content may be a string or text parts.
+CHAT_TEMPLATE = (
+    "{%- macro text(m) -%}{%- if m.content is string -%}{{ m.content }}{%- else -%}{{ m.content[0].text }}"
+    "{%- endif -%}{%- endmacro -%}"
+    f"{{%- set ns = namespace(instruction={_jinja_string(WEB_SEARCH_TASK)}) -%}}"
+    "{%- for m in messages if m.role == 'system' -%}{%- set ns.instruction = text(m) -%}{%- endfor -%}"
+    f"{{{{ {_jinja_string(PREFIX + '<Instruct>: ')} }}}}{{{{ ns.instruction }}}}"
+    "{{ '\\n<Query>: ' }}{{ text(messages | selectattr('role', 'eq', 'query') | first) }}"
+    "{{ '\\n<Document>: ' }}{{ text(messages | selectattr('role', 'eq', 'document') | first) }}"
+    f"{{{{ {_jinja_string(SUFFIX)} }}}}"
+)
+
+
+def is_causal(model) -> bool:
+    from sentence_transformers.cross_encoder.modules import LogitScore
+
+    return any(isinstance(m, LogitScore) for m in model)
+
+
+def load_reranker(name: str, device: str | None = None, max_length: int = 1024, trust_remote_code=False, **kw):
+    """A CrossEncoder for a Qwen3-Reranker-style causal LM (given the official template) or any
+    sentence-transformers cross-encoder; `predict` returns P(relevant) in [0, 1]."""
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoConfig
+
+    from .models import resolve
+
+    path = resolve(name, "RERANKER")
+    architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        # At load time: sentence-transformers decides then whether pairs become chat messages. A template
+        # set later leaves them as plain text, and the model silently scores "querydocument".
+        kw["processor_kwargs"] = {**kw.get("processor_kwargs", {}), "chat_template": CHAT_TEMPLATE}
+    return CrossEncoder(path, device=device, max_length=max_length, trust_remote_code=trust_remote_code, **kw)
+
+
+def rerank(model, queries: dict[str, str], run: dict[str, dict[str, float]], docs: dict[str, str], top_k: int = 100,
+           instruction: str | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Re-score each query's top `top_k` documents of `run` with the reranker; returns the new run."""
+    pairs, keys = [], []
+    for qid, ranked in run.items():
+        for did in sorted(ranked, key=ranked.get, reverse=True)[:top_k]:
+            pairs.append((queries[qid], docs[did]))
+            keys.append((qid, did))
+    kwargs = {"prompt": instruction} if instruction and is_causal(model) else {}
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=True, **kwargs) if pairs else []
+    out: dict[str, dict[str, float]] = {}
+    for (qid, did), s in zip(keys, scores, strict=True):
+        out.setdefault(qid, {})[did] = float(s)
+    return out

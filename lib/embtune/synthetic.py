@@ -1,0 +1,267 @@
+"""Notebook 01: synthetic training queries for a bare corpus, filtered, in BEIR layout, resumable.
+
+`run_dir/synthetic/generations.jsonl` is the journal: one line per processed document (prompt, raw reply, each
+candidate query with every filter's verdict), appended batch by batch. After each batch `queries.jsonl`,
+`qrels/train.tsv` and `stats.json` are rebuilt from it atomically, so the folder is always a consistent BEIR
+set, and a rerun skips the documents already journaled. Per-document randomness is seeded by the document id,
+so an interrupted run and an uninterrupted one end with the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .data import DEFAULT_DOC_TEMPLATE, BeirData
+from .encode import encode
+from .files import atomic_path, write_json
+from .generators import (
+    UNSUPERVISED,
+    Endpoint,
+    GeneratorError,
+    LocalLM,
+    PromptConfig,
+    build_prompt,
+    crop,
+    ict,
+    judge_prompt,
+    parse_queries,
+    parse_score,
+)
+
+FILTERS = ("length", "cosine", "round_trip", "judge", "duplicate")  # in the order they run
+METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (no LLM)"}
+
+
+@dataclass
+class SynthConfig:
+    generator: str = "ict"  # ict | crop | openai:<model> | a local causal LM (folder, hub name or .gguf file)
+    max_documents: int | None = 1000  # a seeded sample of the corpus; None: every document
+    batch_size: int = 16  # documents per batch (and per journal write)
+    seed: int = 42
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # OpenAI-compatible endpoint; the key is read from the environment only
+    base_url: str | None = None  # None: $OPENAI_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    max_total_tokens: int | None = None  # stop once this many tokens (prompt + reply) are spent
+    temperature: float = 0.7
+    max_new_tokens: int = 256
+    # filters (None: off)
+    min_chars: int = 8
+    max_chars: int = 512
+    min_cosine: float | None = 0.7  # base embedder's cosine between query and its document (the guide's 0.7)
+    round_trip_k: int | None = 5  # the document must be in the base embedder's top k for its query
+    judge_min_score: int | None = None  # LLM-as-judge: keep queries it rates at least this (1-5)
+
+
+def make_generator(config: SynthConfig, trust_remote_code: bool = False):
+    """None for the no-LLM methods, else an object with `generate(prompts) -> replies`."""
+    name = config.generator
+    if name in UNSUPERVISED:
+        if config.judge_min_score is not None:
+            raise GeneratorError(f"judge_min_score needs an LLM; generator={name!r} has none")
+        return None
+    if name.startswith("openai:"):
+        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise GeneratorError("set OPENAI_BASE_URL (or base_url) to the endpoint, e.g. http://localhost:8000/v1")
+        return Endpoint(
+            base_url,
+            name.removeprefix("openai:"),
+            api_key=os.environ.get(config.api_key_env),
+            concurrency=config.concurrency,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            temperature=config.temperature,
+            max_tokens=config.max_new_tokens,
+        )
+    return LocalLM(name, config.max_new_tokens, 0.0, trust_remote_code)
+
+
+def select_documents(data: BeirData, config: SynthConfig) -> list[str]:
+    ids = sorted(data.corpus)
+    if config.max_documents and len(ids) > config.max_documents:
+        ids = sorted(random.Random(config.seed).sample(ids, config.max_documents))
+    return ids
+
+
+def _normalized(text: str) -> str:
+    return re.sub(r"\W+", " ", text).strip().casefold()
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The journal's complete lines; a partial last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
+
+
+def _candidates(doc_id, data, config, generator, rng, reply):
+    """(query, view) pairs for one document: from the reply, or by ICT/cropping without an LLM."""
+    n = config.prompt.queries_per_doc
+    if generator is None:
+        method = ict if config.generator == "ict" else crop
+        made = [method(data.corpus[doc_id], rng) for _ in range(n)]
+        return [m for m in made if m]
+    return [(q, None) for q in parse_queries(reply)[:n]]
+
+
+def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
+    """Set each candidate's verdicts; the first filter that rejects it is `dropped_by`. Duplicates are checked
+    last, against kept queries only, so a query that failed for one document may still serve another."""
+    pending = []
+    for row in rows:
+        for cand in row["queries"]:
+            if config.min_chars <= len(cand["query"]) <= config.max_chars:
+                pending.append((row, cand))
+            else:
+                cand["dropped_by"] = "length"
+    if pending and doc_emb is not None:
+        emb = encode(model, [c["query"] for _, c in pending], "query", instruction, progress=False)
+        scores = emb @ doc_emb.T
+        for (row, cand), s in zip(pending, scores, strict=True):
+            own = s[row_of[row["doc_id"]]]
+            cand["cosine"] = round(float(own), 6)
+            cand["rank"] = int((s > own).sum()) + 1
+            if config.min_cosine is not None and own < config.min_cosine:
+                cand["dropped_by"] = "cosine"
+            elif config.round_trip_k is not None and cand["rank"] > config.round_trip_k:
+                cand["dropped_by"] = "round_trip"
+        pending = [(r, c) for r, c in pending if "dropped_by" not in c]
+    if pending and config.judge_min_score is not None:
+        replies = generator.generate([judge_prompt(c["query"], r["document"]) for r, c in pending])
+        for (_, cand), reply in zip(pending, replies, strict=True):
+            cand["judge"] = parse_score(reply)
+            if cand["judge"] is None or cand["judge"] < config.judge_min_score:
+                cand["dropped_by"] = "judge"
+    for row in rows:
+        for cand in row["queries"]:
+            if "dropped_by" not in cand:
+                key = _normalized(cand["query"])
+                cand["dropped_by"] = "duplicate" if key in seen else None
+                seen.add(key)
+
+
+def summarise(journal: list[dict], config: SynthConfig, tokens: int) -> dict:
+    dropped = [c["dropped_by"] for row in journal for c in row["queries"]]
+    return {
+        "generator": METHODS.get(config.generator, config.generator),
+        "documents": len(journal),
+        "documents_without_queries": sum(not row["queries"] for row in journal),
+        "generated": len(dropped),
+        "removed": {f: dropped.count(f) for f in FILTERS},
+        "kept": dropped.count(None),
+        "tokens_used": tokens,
+        "config": asdict(config),
+    }
+
+
+def write_beir(journal: list[dict], folder: Path) -> None:
+    """queries.jsonl (with the training view of the document when it is not the whole document) and
+    qrels/train.tsv, from the journal's kept queries."""
+    queries, qrels = [], ["query-id\tcorpus-id\tscore"]
+    for row in journal:
+        for i, cand in enumerate(row["queries"]):
+            if cand["dropped_by"] is None:
+                qid = f"{row['doc_id']}#{i}"
+                view = cand.get("view") or {}
+                queries.append({"_id": qid, "text": cand["query"], **{f"view_{k}": v for k, v in view.items()}})
+                qrels.append(f"{qid}\t{row['doc_id']}\t1")
+    if not queries:  # an empty BEIR split is invalid: leave no files, and training says what is missing
+        for path in (folder / "queries.jsonl", folder / "qrels" / "train.tsv"):
+            path.unlink(missing_ok=True)
+        return
+    with atomic_path(folder / "queries.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queries), encoding="utf-8")
+    with atomic_path(folder / "qrels" / "train.tsv") as tmp:
+        tmp.write_text("\n".join(qrels) + "\n", encoding="utf-8")
+
+
+def generate(
+    model,
+    model_path: str,
+    data: BeirData,
+    run_dir: str | Path,
+    config: SynthConfig | None = None,
+    instruction: str | None = None,
+    template: str = DEFAULT_DOC_TEMPLATE,
+    generator=None,
+) -> dict:
+    """Generate, filter and write `run_dir/synthetic/`; resumes from its journal. Returns the stats."""
+    from tqdm.auto import tqdm
+
+    from .mine import corpus_embeddings
+
+    config = config or SynthConfig()
+    folder = Path(run_dir) / "synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    journal_path = folder / "generations.jsonl"
+    journal = read_journal(journal_path)
+    stats_path = folder / "stats.json"
+    tokens_before = json.loads(stats_path.read_text())["tokens_used"] if journal and stats_path.exists() else 0
+    if generator is None and config.generator not in UNSUPERVISED:
+        generator = make_generator(config)
+    done = {row["doc_id"] for row in journal}
+    todo = [d for d in select_documents(data, config) if d not in done]
+    seen = {_normalized(c["query"]) for row in journal for c in row["queries"] if c["dropped_by"] is None}
+    docs = data.doc_texts(template)
+    doc_emb = row_of = None
+    if todo and (config.min_cosine is not None or config.round_trip_k is not None):
+        doc_emb = corpus_embeddings(model, model_path, data, run_dir, template)
+        row_of = {d: i for i, d in enumerate(docs)}
+
+    def tokens():
+        return tokens_before + getattr(generator, "tokens_used", 0)
+
+    bar = tqdm(total=len(todo) + len(done), initial=len(done), desc="Documents")
+    for start in range(0, len(todo), config.batch_size):
+        if config.max_total_tokens is not None and tokens() >= config.max_total_tokens:
+            print(f"token budget of {config.max_total_tokens:,} spent; stopping (raise it and rerun to go on)")
+            break
+        batch = todo[start : start + config.batch_size]
+        rngs = [random.Random(f"{config.seed}:{d}") for d in batch]
+        if generator is None:
+            prompts = replies = [None] * len(batch)
+        else:
+            prompts = [build_prompt(docs[d], config.prompt, r) for d, r in zip(batch, rngs, strict=True)]
+            replies = generator.generate(prompts)
+        rows = []
+        for doc_id, rng, prompt, reply in zip(batch, rngs, prompts, replies, strict=True):
+            made = _candidates(doc_id, data, config, generator, rng, reply)
+            rows.append(
+                {
+                    "doc_id": doc_id,
+                    "document": docs[doc_id],
+                    "generator": METHODS.get(config.generator, config.generator),
+                    "prompt": prompt,
+                    "reply": reply,
+                    "queries": [{"query": q, **({"view": v} if v else {})} for q, v in made],
+                }
+            )
+        _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator)
+        with open(journal_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        journal += rows
+        write_beir(journal, folder)
+        stats = summarise(journal, config, tokens())
+        write_json(stats_path, stats)
+        bar.update(len(batch))
+        bar.set_postfix(kept=stats["kept"], dropped=stats["generated"] - stats["kept"])
+    bar.close()
+    stats = summarise(journal, config, tokens())
+    write_beir(journal, folder)
+    write_json(stats_path, stats)
+    return stats

@@ -1,0 +1,256 @@
+"""Notebook 01's library: generators (a real loopback HTTP server speaking the OpenAI chat API, the tiny Qwen3
+causal LM in process, ICT and cropping), reply parsing, the filters on planted cases, BEIR output and resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import write_beir
+from embtune.data import load_beir, training_labels
+from embtune.generators import Endpoint, GeneratorError, LocalLM, crop, ict, parse_queries
+from embtune.synthetic import SynthConfig, generate, read_journal
+
+DOCS = {
+    "eiffel": "The Eiffel Tower in Paris was completed in 1889 for the World's Fair. It is made of wrought iron.",
+    "cell": "The mitochondria is the powerhouse of the cell. It produces ATP through cellular respiration.",
+    "rust": "Rust is a systems programming language focused on memory safety. It has no garbage collector.",
+    "search": "A binary search halves the search interval at every step. It needs a sorted array.",
+    "coffee": "Coffee beans are roasted seeds of the Coffea plant. Roasting changes their flavour and colour.",
+    "volcano": "A volcano erupts when magma rises through the crust. Lava flows can reach 1200 degrees Celsius.",
+    "tower": "Paris's wrought-iron lattice tower by Gustave Eiffel was finished in 1889 and is 330 metres tall.",
+}
+# The fake LLM's reply for each document (found by a word of the document in the prompt).
+REPLIES = {
+    "eiffel": '```json\n{"queries": ["When was the Eiffel Tower in Paris completed?"]}\n```',
+    "cell": '{"queries": ["ATP?"]}',  # too short
+    "rust": '{"queries": ["Which programming language focuses on memory safety without a garbage collector?"]}',
+    "search": '{"queries": ["recipe for chocolate cake with strawberries"]}',  # off-topic: the filters drop it
+    "coffee": '{"queries": ["When was the Eiffel Tower in Paris completed?"]}',  # good elsewhere, not here
+    "tower": '{"queries": ["When was the Eiffel Tower in Paris completed?"]}',  # a duplicate of eiffel's
+    "volcano": "1. What happens when magma rises through the crust of a volcano?",  # plain text
+}
+
+
+class FakeLLM(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions; `script` is a list of failures to serve before answering."""
+
+    script: list = []
+    requests: list = []
+    delay = 0.0
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"body": body, "auth": self.headers.get("Authorization")})
+        action = type(self).script.pop(0) if type(self).script else "ok"
+        if action == "timeout":
+            time.sleep(1.5)
+        if action in ("500", "timeout"):
+            return self._send(500, b'{"error": "overloaded"}')
+        if action == "400":
+            return self._send(400, b'{"error": "unknown model"}')
+        if action == "malformed":
+            return self._send(200, b"<html>bad gateway</html>")
+        time.sleep(type(self).delay)
+        prompt = body["messages"][-1]["content"]
+        if prompt.startswith("Rate how well"):
+            content = "Score: 5" if prompt.count("Eiffel") >= 2 else "2"
+        else:
+            content = next(reply for key, reply in REPLIES.items() if DOCS[key][:30] in prompt)
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": {"total_tokens": 10}}
+        self._send(200, json.dumps(reply).encode())
+
+    def _send(self, code, payload):
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def llm_server():
+    FakeLLM.script, FakeLLM.requests, FakeLLM.delay = [], [], 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A BEIR folder with a test split only: no training labels, as most users have."""
+    docs = "\n".join(json.dumps({"_id": k, "title": "", "text": v}) for k, v in DOCS.items())
+    queries = json.dumps({"_id": "t1", "text": "Eiffel Tower completion"})
+    return write_beir(tmp_path / "data", docs, queries, {"test": "query-id\tcorpus-id\tscore\nt1\teiffel\t1\n"})
+
+
+def endpoint_config(url, **kw):
+    return SynthConfig(generator="openai:fake", base_url=url, batch_size=2, max_retries=3, **kw)
+
+
+def test_parse_queries_from_json_fences_lists_and_plain_text():
+    assert parse_queries('{"queries": ["a b", " c "]}') == ["a b", "c"]
+    assert parse_queries('Sure!\n```json\n{"query": "x y"}\n```') == ["x y"]
+    assert parse_queries('<think>let me think {"queries": ["no"]}</think>["p q", {"query": "r s"}]') == ["p q", "r s"]
+    assert parse_queries('1. "first query"\n2) second query\n- Query: third\nHere are queries:') == [
+        "first query",
+        "second query",
+        "third",
+    ]
+    assert parse_queries("") == []
+
+
+def test_endpoint_retries_500s_timeouts_and_malformed_replies(llm_server, monkeypatch):
+    FakeLLM.script = ["500", "timeout", "malformed"]
+    client = Endpoint(llm_server, "fake", api_key="sk-test", timeout=0.5, backoff=0.01)
+    assert client.chat("Document:\n" + DOCS["rust"]) == REPLIES["rust"]
+    assert len(FakeLLM.requests) == 4 and FakeLLM.requests[-1]["auth"] == "Bearer sk-test"
+    assert FakeLLM.requests[-1]["body"]["model"] == "fake" and client.tokens_used == 10
+
+
+def test_endpoint_gives_up_with_a_clear_error(llm_server):
+    FakeLLM.script = ["400"]
+    with pytest.raises(GeneratorError, match="refused the request: HTTP 400"):
+        Endpoint(llm_server, "fake", backoff=0.01).chat("hi")
+    assert len(FakeLLM.requests) == 1  # a client error is not retried
+    FakeLLM.script = ["500"] * 3
+    with pytest.raises(GeneratorError, match="failed 3 times, last: HTTP 500.*rerun to resume"):
+        Endpoint(llm_server, "fake", max_retries=2, backoff=0.01).chat("hi")
+
+
+def test_filters_on_planted_cases_and_beir_output(llm_server, corpus, minilm, minilm_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    data = load_beir(corpus, limits="off")
+    config = endpoint_config(llm_server, min_cosine=0.3, round_trip_k=2)
+    stats = generate(minilm, minilm_path, data, tmp_path / "run", config)
+    journal = {r["doc_id"]: r for r in read_journal(tmp_path / "run" / "synthetic" / "generations.jsonl")}
+    verdict = {d: [q["dropped_by"] for q in r["queries"]] for d, r in journal.items()}
+    assert verdict == {
+        "eiffel": [None],
+        "cell": ["length"],
+        "rust": [None],
+        "search": ["cosine"],
+        "coffee": ["cosine"],
+        "volcano": [None],
+        "tower": ["duplicate"],
+    }
+    assert stats["removed"] == {"length": 1, "cosine": 2, "round_trip": 0, "judge": 0, "duplicate": 1}
+    assert stats["kept"] == 3 and stats["tokens_used"] == len(DOCS) * 10
+    assert FakeLLM.requests[0]["auth"] == "Bearer sk-from-env"  # the key comes from the environment
+    assert journal["eiffel"]["reply"] == REPLIES["eiffel"] and "Document:" in journal["eiffel"]["prompt"]
+    labels = training_labels(data, tmp_path / "run")  # the suite reads it as BEIR, ids prefixed
+    assert labels.qrels == {"synthetic:eiffel#0": {"eiffel": 1}, "synthetic:rust#0": {"rust": 1},
+                            "synthetic:volcano#0": {"volcano": 1}}  # fmt: skip
+    assert labels.queries["synthetic:volcano#0"] == "What happens when magma rises through the crust of a volcano?"
+
+
+def test_round_trip_and_judge_filters(llm_server, corpus, minilm, minilm_path, tmp_path):
+    data = load_beir(corpus, limits="off")
+
+    def verdicts(run, **filters):
+        generate(minilm, minilm_path, data, tmp_path / run, endpoint_config(llm_server, **filters))
+        return {r["doc_id"]: r["queries"][0]["dropped_by"] for r in read_journal(tmp_path / run / "synthetic" /
+                "generations.jsonl") if r["queries"]}  # fmt: skip
+
+    # Round trip, k=1: each good query finds its own document first; the off-topic ones, and the Eiffel query
+    # asked of the coffee document or of the other Eiffel document, do not.
+    assert verdicts("a", min_cosine=None, round_trip_k=1) == {
+        "cell": "length",
+        "coffee": "round_trip",
+        "eiffel": None,
+        "rust": None,
+        "search": "round_trip",
+        "tower": "round_trip",
+        "volcano": None,
+    }
+    # The judge (the same fake LLM) rates 5 only an Eiffel query on an Eiffel document.
+    assert verdicts("b", min_cosine=None, round_trip_k=None, judge_min_score=4) == {
+        "cell": "length",
+        "coffee": "judge",
+        "eiffel": None,
+        "rust": "judge",
+        "search": "judge",
+        "tower": "duplicate",
+        "volcano": "judge",
+    }
+
+
+def test_killed_run_resumes_to_the_same_files(llm_server, corpus, minilm_path, tmp_path):
+    script = (
+        "import sys; from embtune.data import load_beir; from embtune.models import load_embedder;"
+        "from embtune.synthetic import SynthConfig, generate;"
+        f"data = load_beir({str(corpus)!r}, limits='off');"
+        f"generate(load_embedder({minilm_path!r}), {minilm_path!r}, data, sys.argv[1],"
+        f"SynthConfig(generator='openai:fake', base_url={llm_server!r}, batch_size=1, concurrency=1))"
+    )
+    run = [sys.executable, "-c", script]
+    subprocess.run([*run, str(tmp_path / "whole")], check=True, capture_output=True)
+    FakeLLM.delay = 0.5
+    journal = tmp_path / "cut" / "synthetic" / "generations.jsonl"
+    proc = subprocess.Popen([*run, str(tmp_path / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (journal.exists() and journal.read_text().count("\n") >= 2):
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(journal, "a") as f:
+        f.write('{"doc_id": "half-writ')  # as if killed mid-write
+    lines_before = journal.read_text().count("\n")
+    assert lines_before < len(DOCS)
+    FakeLLM.delay = 0.0
+    n_requests = len(FakeLLM.requests)
+    subprocess.run([*run, str(tmp_path / "cut")], check=True, capture_output=True)
+    assert len(FakeLLM.requests) - n_requests == len(DOCS) - lines_before  # journaled documents are not redone
+    for name in ("generations.jsonl", "queries.jsonl", "qrels/train.tsv"):
+        whole = (tmp_path / "whole" / "synthetic" / name).read_text()
+        assert (tmp_path / "cut" / "synthetic" / name).read_text() == whole, name
+
+
+def test_ict_and_crop_are_seeded_and_take_the_query_out():
+    doc = {"title": "Paris", "text": DOCS["eiffel"] + " " + DOCS["volcano"]}
+    query, view = ict(doc, random.Random(1), keep=0.0)
+    assert query in doc["text"] and query not in view["text"] and view["title"] == "Paris"
+    assert ict(doc, random.Random(1), keep=0.0) == (query, view)
+    assert ict({"title": "", "text": "One sentence only."}, random.Random(0)) is None
+    q, v = crop(doc, random.Random(2))
+    assert q in doc["text"] and v["text"] in doc["text"] and 2 <= len(q.split()) <= len(doc["text"].split()) // 2
+    chinese = {"title": "", "text": "埃菲尔铁塔位于巴黎，于一八八九年建成，是为了世界博览会而建造的铁塔。"}
+    q, v = crop(chinese, random.Random(0))
+    assert q in chinese["text"] and " " not in q  # characters, not whitespace-separated words
+
+
+def test_ict_without_an_llm_writes_training_views(corpus, minilm, minilm_path, tmp_path):
+    data = load_beir(corpus, limits="off")
+    stats = generate(minilm, minilm_path, data, tmp_path, SynthConfig(generator="ict", min_cosine=None))
+    assert stats["generator"] == "inverse cloze task (no LLM)"
+    assert stats["kept"] == len(DOCS) - 1 and stats["documents_without_queries"] == 1  # "tower" is one sentence
+    labels = training_labels(data, tmp_path)
+    for qid, docs in labels.qrels.items():
+        [doc] = docs
+        view = labels.views[qid]["text"]
+        assert labels.queries[qid] in data.corpus[doc]["text"] and view in data.corpus[doc]["text"]
+
+
+def test_local_causal_lm_generates_in_process(tiny_models, corpus, tiny_embedding, tmp_path):
+    from embtune.models import load_embedder
+
+    lm = LocalLM(str(tiny_models[1]), max_new_tokens=8)
+    replies = lm.generate(["Document: a short one", "Document: a much longer document than the first one"])
+    assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+    config = SynthConfig(generator=str(tiny_models[1]), min_chars=1, min_cosine=None, round_trip_k=None)
+    model = load_embedder(str(tiny_embedding))
+    stats = generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), tmp_path, config, generator=lm)
+    rows = read_journal(tmp_path / "synthetic" / "generations.jsonl")
+    assert stats["documents"] == len(rows) == len(DOCS) and all(r["reply"] for r in rows)
