@@ -35,7 +35,8 @@ def unlabelled(dataset: str, folder: Path) -> Path:
     """`dataset` without its train (and dev) labels: links to the corpus, the queries and the test split."""
     source = SHARED / dataset
     (folder / "qrels").mkdir(parents=True)
-    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+    corpus = next(p.name for p in (source / "corpus.jsonl", source / "corpus.jsonl.gz") if p.exists())
+    for name in (corpus, "queries.jsonl", "qrels/test.tsv"):
         (folder / name).symlink_to(source / name)
     return folder
 

@@ -1,11 +1,15 @@
 """Reranker scoring: Qwen3-Reranker's official template and P(yes), against the model card's own code."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import write_beir
 from embtune.encode import WEB_SEARCH_TASK
-from embtune.rerank import PREFIX, SUFFIX, format_pair, load_reranker, rerank
+from embtune.rerank import CHAT_TEMPLATE, PREFIX, SUFFIX, format_pair, load_reranker, rerank
 
 PAIRS = [
     ("what is x", "x is y"),
@@ -60,3 +64,66 @@ def test_rerank_rescores_the_top_of_a_run(tiny_models):
     assert set(out["q"]) == {"d0", "d1"}
     expected = official_scores(str(tiny_models[1]), [(queries["q"], docs["d0"]), (queries["q"], docs["d1"])])
     np.testing.assert_allclose([out["q"]["d0"], out["q"]["d1"]], expected, atol=1e-5)
+
+
+@pytest.fixture
+def planted_run(tmp_path):
+    """Six queries, each with its relevant document and three others mined as negatives (notebook 02's format)."""
+    topics = ["tower paris iron", "cell energy atp", "rust memory safety", "binary search sorted",
+              "coffee roasted beans", "volcano magma lava"]  # fmt: skip
+    docs = {f"d{i}": f"A document about {t}." for i, t in enumerate(topics)}
+    queries = {f"q{i}": f"question on {t}" for i, t in enumerate(topics)}
+    corpus = "\n".join(json.dumps({"_id": d, "text": t}) for d, t in docs.items())
+    qs = "\n".join(json.dumps({"_id": q, "text": t}) for q, t in queries.items())
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(6))
+    data = write_beir(tmp_path / "data", corpus, qs, {"train": qrels, "test": qrels})
+    rows = []
+    for i in range(6):
+        negatives = [f"d{(i + k) % 6}" for k in (1, 2, 3)]
+        rows.append({"query_id": f"q{i}", "query": queries[f"q{i}"], "positive_id": f"d{i}", "positive": docs[f"d{i}"],
+                     "negative_ids": negatives, "negatives": [docs[n] for n in negatives],
+                     "positive_score": 0.5, "negative_scores": [0.1] * 3})  # fmt: skip
+    (tmp_path / "run" / "hard_negatives").mkdir(parents=True)
+    (tmp_path / "run" / "hard_negatives" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, tmp_path / "run", queries, docs
+
+
+def _rank_of_positive(model, queries, docs):
+    """The positive's rank (1 = top) among itself and its three mined negatives, for each query."""
+    ranks = []
+    for i, q in enumerate(queries.values()):
+        candidates = [docs[f"d{(i + k) % 6}"] for k in range(4)]  # the positive first
+        scores = model.predict([(q, d) for d in candidates], show_progress_bar=False)
+        ranks.append(int((scores > scores[0]).sum()) + 1)
+    return ranks
+
+
+def test_planted_relevant_documents_move_up_after_training(tiny_models, planted_run):
+    from embtune.rerank_train import RerankConfig, train_reranker
+
+    data, run, queries, docs = planted_run
+    before = _rank_of_positive(load_reranker(str(tiny_models[1]), device="cpu"), queries, docs)
+    config = RerankConfig(str(tiny_models[1]), str(data), str(run), max_steps=150, learning_rate=3e-3, batch_size=8)
+    log = train_reranker(config)
+    assert log["n_rows"] == 6 * 4 and log["n_positive"] == 6 and "full fine-tuning" in log["backend"]
+    after = _rank_of_positive(load_reranker(str(run / "reranker" / "model"), device="cpu"), queries, docs)
+    assert sum(after) < sum(before) and after == [1] * 6, (before, after)
+    # the template travels with the model
+    assert (run / "reranker" / "model" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_lora_merge_equals_the_adapter_and_changes_the_model(tiny_models, planted_run):
+    from sentence_transformers import CrossEncoder
+
+    from embtune.rerank_train import RerankConfig, train_reranker
+
+    data, run, queries, docs = planted_run
+    config = RerankConfig(str(tiny_models[1]), str(data), str(run), full_finetune=False, max_steps=10,
+                          learning_rate=1e-2, batch_size=8)  # fmt: skip
+    train_reranker(config)
+    pairs = [(q, d) for q in queries.values() for d in list(docs.values())[:2]]
+    adapter = load_reranker(str(run / "reranker" / "adapter"), device="cpu")
+    merged = CrossEncoder(str(run / "reranker" / "model"), device="cpu")  # plain sentence-transformers
+    base = load_reranker(str(tiny_models[1]), device="cpu")
+    np.testing.assert_allclose(merged.predict(pairs), adapter.predict(pairs), atol=1e-4)
+    assert np.abs(merged.predict(pairs) - base.predict(pairs)).max() > 1e-3

@@ -109,6 +109,8 @@ def test_parse_queries_from_json_fences_lists_and_plain_text():
         "second query",
         "third",
     ]
+    assert parse_queries('{"queries": [{"query": "cut off", "x": 1}, {"query": "never fin') == ["cut off"]
+    assert parse_queries('{"queries":[{"query":{"type":"1","description":"Doc') == []  # no query in it
     assert parse_queries("") == []
 
 

@@ -105,10 +105,13 @@ def parse_queries(reply: str) -> list[str]:
         if isinstance(value, list):
             found = [v.get("query") if isinstance(v, dict) else v for v in value]
             return [q.strip() for q in found if isinstance(q, str) and q.strip()]
+    salvaged = re.findall(r'"query"\s*:\s*"((?:[^"\\]|\\.)+)"', text)  # from JSON cut off or malformed
+    if salvaged:
+        return [json.loads(f'"{q}"').strip() for q in salvaged]
     queries = []
     for line in text.splitlines():
         line = _LABEL.sub("", line).strip().strip("\"'`")
-        if line and not line.startswith("```") and not line.endswith(":"):
+        if line and not line.startswith(("```", "{", "[")) and not line.endswith(":"):
             queries.append(line)
     return queries
 

@@ -11,6 +11,9 @@ Batching, length sorting and the progress bar are sentence-transformers' `predic
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .encode import WEB_SEARCH_TASK
 
 SYSTEM = (
@@ -30,16 +33,20 @@ def _jinja_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-# PREFIX + format_pair(query, document, instruction) + SUFFIX; a system message, which sentence-transformers
-# makes of `predict(..., prompt=...)`, is the instruction. Message content may be a string or text parts.
+# PREFIX + format_pair(query, document, instruction) + SUFFIX. A system message, which sentence-transformers
+# makes of `predict(..., prompt=...)`, is the instruction; a lone text (sentence-transformers' model card
+# statistics render single columns) is the query. Message content may be a string or text parts.
 CHAT_TEMPLATE = (
     "{%- macro text(m) -%}{%- if m.content is string -%}{{ m.content }}{%- else -%}{{ m.content[0].text }}"
     "{%- endif -%}{%- endmacro -%}"
-    f"{{%- set ns = namespace(instruction={_jinja_string(WEB_SEARCH_TASK)}) -%}}"
-    "{%- for m in messages if m.role == 'system' -%}{%- set ns.instruction = text(m) -%}{%- endfor -%}"
+    f"{{%- set ns = namespace(instruction={_jinja_string(WEB_SEARCH_TASK)}, query='', document='') -%}}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}{%- set ns.instruction = text(m) -%}"
+    "{%- elif m.role == 'document' -%}{%- set ns.document = text(m) -%}"
+    "{%- elif ns.query == '' -%}{%- set ns.query = text(m) -%}{%- endif -%}"
+    "{%- endfor -%}"
     f"{{{{ {_jinja_string(PREFIX + '<Instruct>: ')} }}}}{{{{ ns.instruction }}}}"
-    "{{ '\\n<Query>: ' }}{{ text(messages | selectattr('role', 'eq', 'query') | first) }}"
-    "{{ '\\n<Document>: ' }}{{ text(messages | selectattr('role', 'eq', 'document') | first) }}"
+    "{{ '\\n<Query>: ' }}{{ ns.query }}{{ '\\n<Document>: ' }}{{ ns.document }}"
     f"{{{{ {_jinja_string(SUFFIX)} }}}}"
 )
 
@@ -59,7 +66,9 @@ def load_reranker(name: str, device: str | None = None, max_length: int = 1024, 
     from .models import resolve
 
     path = resolve(name, "RERANKER")
-    architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    adapter = Path(path) / "adapter_config.json"  # a LoRA adapter folder: its base decides the architecture
+    config_path = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+    architectures = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code).architectures or []
     if any(a.endswith("ForCausalLM") for a in architectures):
         # At load time: sentence-transformers decides then whether pairs become chat messages. A template
         # set later leaves them as plain text, and the model silently scores "querydocument".

@@ -1,0 +1,174 @@
+"""Notebook 06: fine-tune a reranker on notebook 02's hard negatives.
+
+The objective is the Qwen3 paper's point-wise SFT: -log p(yes) for a relevant pair, -log p(no) for a negative.
+With sentence-transformers' `LogitScore` (logit(yes) - logit(no)) and `BinaryCrossEntropyLoss` that is exactly
+the cross-entropy over the two answer tokens; the same loss trains a BERT-style CrossEncoder's head. LoRA (4-bit
+on a GPU) above 300M parameters, full fine-tuning below, as for the embedder; the template is
+`rerank.CHAT_TEMPLATE`, saved with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_DOC_TEMPLATE, load_beir, training_labels
+from .files import replace_dir, write_json
+from .rerank import is_causal, load_reranker
+from .train import (
+    QWEN_TARGET_MODULES,
+    SMALL_MODEL_PARAMS,
+    _approx_params,
+    _keep_4bit_differentiable,
+    _target_modules,
+    last_complete_checkpoint,
+    split_train_dev,
+)
+
+
+@dataclass
+class RerankConfig:
+    base_model: str  # a Qwen3-Reranker (or any causal LM with yes/no tokens) or a sentence-transformers CrossEncoder
+    data_dir: str
+    run_dir: str
+    instruction: str | None = None  # None: Qwen's web-search task
+    doc_template: str = DEFAULT_DOC_TEMPLATE
+    max_negatives: int = 3  # negatives per (query, positive) from notebook 02, each a "no" example
+    quant: str = "auto"  # 4bit | 8bit | none | auto (4bit for LoRA on CUDA, else none)
+    full_finetune: bool | None = None  # None: full below 300M parameters, LoRA above
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(QWEN_TARGET_MODULES))
+    max_length: int = 512  # tokens of template + query + document
+    batch_size: int = 8
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float | None = None  # None: 1e-4 for LoRA, 2e-5 for full fine-tuning
+    warmup_ratio: float = 0.1
+    save_steps: int = 50
+    dev_fraction: float = 0.1  # the same dev queries as notebook 03 are held out
+    seed: int = 42
+
+
+def pointwise_rows(config: RerankConfig) -> dict[str, list]:
+    """(query, document, label) columns: each training query's positive (1) and up to `max_negatives` of its
+    mined negatives (0). Dev queries are left out."""
+    negatives = Path(config.run_dir) / "hard_negatives" / "train.jsonl"
+    if not negatives.exists():
+        raise FileNotFoundError(f"{negatives} is missing: run notebook 02 (hard negatives) first")
+    data = load_beir(config.data_dir, limits="off")
+    train_qrels, _ = split_train_dev(data, training_labels(data, config.run_dir), config)
+    columns = {"query": [], "document": [], "label": []}
+    for line in negatives.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["query_id"] not in train_qrels:
+            continue
+        for text, label in [(row["positive"], 1.0)] + [(n, 0.0) for n in row["negatives"][: config.max_negatives]]:
+            columns["query"].append(row["query"])
+            columns["document"].append(text)
+            columns["label"].append(label)
+    return columns
+
+
+def load_for_training(config: RerankConfig):
+    """(model, description): the reranker, quantised and with LoRA as configured."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from .models import resolve
+
+    path = resolve(config.base_model, "RERANKER")
+    full = config.full_finetune if config.full_finetune is not None else _approx_params(path) < SMALL_MODEL_PARAMS
+    quant = config.quant if config.quant != "auto" else ("4bit" if torch.cuda.is_available() and not full else "none")
+    if full and quant != "none":
+        raise ValueError("full fine-tuning needs quant='none' (quantised weights cannot be trained)")
+    model_kwargs = {}
+    if quant != "none":
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant == "4bit",
+            load_in_8bit=quant == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        )
+    model = load_reranker(path, max_length=config.max_length, model_kwargs=model_kwargs)
+    _keep_4bit_differentiable(model)
+    if not full:
+        if quant != "none":
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model[0].model, use_gradient_checkpointing=False)
+        targets = _target_modules(model[0].model, config.target_modules)
+        model.add_adapter(LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                     target_modules=targets, bias="none"))  # fmt: skip
+    kind = "causal LM, P(yes)" if is_causal(model) else "cross-encoder"
+    mode = "full fine-tuning" if full else f"LoRA r={config.lora_r}"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, f"{kind} | sentence-transformers + peft | {quant} | {mode} | {trainable:,} parameters trainable"
+
+
+def merge_reranker(base_model: str, adapter_dir: str | Path, out: str | Path, max_length: int = 512) -> Path:
+    """Fold a LoRA adapter into an unquantised copy of its base; a plain CrossEncoder folder with the template."""
+    from peft import PeftModel
+
+    model = load_reranker(base_model, device="cpu", max_length=max_length)
+    model[0].model = PeftModel.from_pretrained(model[0].model, str(adapter_dir)).merge_and_unload()
+    with replace_dir(out) as tmp:
+        model.save(str(tmp))
+    return Path(out)
+
+
+def train_reranker(config: RerankConfig) -> dict:
+    """Train, save `run_dir/reranker/adapter/` (LoRA) and `run_dir/reranker/model/`; returns the log."""
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    out = Path(config.run_dir) / "reranker"
+    dataset = Dataset.from_dict(pointwise_rows(config))
+    model, description = load_for_training(config)
+    print(description, flush=True)
+    lora = hasattr(model[0].model, "peft_config")
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate or (1e-4 if lora else 2e-5),
+        warmup_steps=config.warmup_ratio,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, config.save_steps // 5),
+        seed=config.seed,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        # the instruction, as the system message the template reads; scoring passes the same `prompt`
+        prompts=config.instruction if config.instruction and is_causal(model) else None,
+    )
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=BinaryCrossEntropyLoss(model))
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints"))
+    log = {
+        "backend": description,
+        "config": asdict(config),
+        "n_rows": len(dataset),
+        "n_positive": int(sum(dataset["label"])),
+        "steps": trainer.state.global_step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+    }
+    if lora:
+        with replace_dir(out / "adapter") as tmp:
+            model.save(str(tmp))
+        merge_reranker(config.base_model, out / "adapter", out / "model", config.max_length)
+    else:
+        with replace_dir(out / "model") as tmp:
+            model.save(str(tmp))
+    write_json(out / "train_log.json", log)
+    return log
