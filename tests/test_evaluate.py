@@ -88,3 +88,23 @@ def test_ndcg_equals_sentence_transformers_evaluator(minilm):
     theirs = evaluator(minilm)
     assert ours["ndcg@10"] == pytest.approx(theirs[f"{evaluator.primary_metric}"], abs=0.005)
     assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample
+
+
+def test_fusion_on_a_hand_computed_case():
+    from embtune.evaluate import fuse_runs
+
+    dense = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
+    lexical = {"q": {"b": 12.0, "c": 8.0, "d": 2.0}}
+    rrf = fuse_runs([dense, lexical], "rrf", k=60)["q"]
+    assert rrf == pytest.approx({"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 63 + 1 / 62, "d": 1 / 63})
+    wsum = fuse_runs([dense, lexical], "wsum", weights=[0.5, 0.5])["q"]
+    # min-max per run: dense a 1, b 0.5, c 0; lexical b 1, c 0.6, d 0
+    assert wsum == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.3, "d": 0.0})
+
+
+def test_bm25_run_ranks_the_lexical_match_first():
+    from embtune.evaluate import bm25_run
+
+    docs = {"a": "the cat sat on the mat", "b": "dogs chase cats", "c": "stock markets fell sharply today"}
+    run = bm25_run({"q": "stock market"}, docs, top_k=3)
+    assert max(run["q"], key=run["q"].get) == "c" and "a" not in run["q"]

@@ -39,11 +39,13 @@ def run_all(*args, env=None, timeout=900):
     )
 
 
-def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
-    """`make run-all` end to end on the tiny model: 02 mines, 03 trains on it, 04 and 05 score base against
-    fine-tuned."""
+def test_run_all_trains_and_evaluates(tmp_path, tiny_models):
+    """`make run-all` end to end on the tiny models: 02 mines, 03 trains on it, 04 and 05 score base against
+    fine-tuned, with BM25, hybrids and the reranker; 06 fine-tunes the reranker."""
+    tiny_embedding, tiny_reranker = tiny_models
     run = tmp_path / "run"
-    result = run_all("--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run))
+    args = ["--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run)]
+    result = run_all(*args, "--reranker", str(tiny_reranker))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run / "notebooks").iterdir()) == [p.name for p in NOTEBOOKS]
     # 02: one row per training pair, no labelled positive among the negatives, counts that add up
@@ -70,12 +72,18 @@ def test_run_all_trains_and_evaluates(tmp_path, tiny_embedding):
     # 05: both systems, every metric, significance, ablation, report and plot
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_queries"] == 115 and metrics["n_docs"] == 639
-    assert list(metrics["systems"]) == ["base", "finetuned"]
+    dense_and_more = ["base", "finetuned", "bm25", "hybrid", "hybrid_wsum", "base+rerank", "finetuned+rerank"]
+    assert list(metrics["systems"]) == dense_and_more
+    assert metrics["systems"]["bm25"]["ndcg@10"] > metrics["systems"]["base"]["ndcg@10"]  # random tiny embedder
     for values in metrics["systems"].values():
         assert set(values) == set(METRICS) and all(0 <= v <= 1 for v in values.values())
         assert values["recall@100"] >= values["recall@10"] >= values["recall@1"]
     assert metrics["systems"]["finetuned"] != metrics["systems"]["base"]
     assert set(metrics["significance"]["finetuned"]) == set(HEADLINE)
+    # 06: the reranker trained (tiny: fully), merged into a plain CrossEncoder folder, stock against tuned
+    assert (run / "reranker" / "model" / "chat_template.jinja").exists()
+    reranked = json.loads((run / "reranker" / "metrics.json").read_text())
+    assert list(reranked["systems"]) == ["base", "stock_rerank", "tuned_rerank"]
     ablation = metrics["instruction_ablation"]["base"]
     assert set(ablation) == {"with_instruction", "without_instruction"}
     assert ablation["with_instruction"]["ndcg@10"] == metrics["systems"]["base"]["ndcg@10"]  # Qwen's prompt

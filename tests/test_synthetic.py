@@ -256,3 +256,11 @@ def test_local_causal_lm_generates_in_process(tiny_models, corpus, tiny_embeddin
     stats = generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), tmp_path, config, generator=lm)
     rows = read_journal(tmp_path / "synthetic" / "generations.jsonl")
     assert stats["documents"] == len(rows) == len(DOCS) and all(r["reply"] for r in rows)
+
+
+def test_token_and_document_budgets(llm_server, corpus, minilm, minilm_path, tmp_path):
+    data = load_beir(corpus, limits="off")
+    stats = generate(minilm, minilm_path, data, tmp_path / "t", endpoint_config(llm_server, max_total_tokens=25))
+    assert stats["documents"] == 4 and stats["tokens_used"] == 40  # stopped once 25 were spent, batch by batch
+    stats = generate(minilm, minilm_path, data, tmp_path / "d", endpoint_config(llm_server, max_documents=3))
+    assert stats["documents"] == 3

@@ -62,6 +62,34 @@ def dense_runs(
     return runs
 
 
+def bm25_run(queries: dict[str, str], docs: dict[str, str], top_k: int = 100, stopwords: str | None = "en") -> dict:
+    """A BM25 run (bm25s): {query id: {doc id: score}}."""
+    from .mine import bm25_candidates
+
+    doc_ids = list(docs)
+    scores, indices = bm25_candidates(list(queries.values()), list(docs.values()), top_k, stopwords)
+    return {
+        q: {doc_ids[i]: float(s) for i, s in zip(row, srow, strict=True) if s > 0}
+        for q, row, srow in zip(queries, indices, scores, strict=True)
+    }
+
+
+def fuse_runs(runs: list[dict], method: str = "rrf", weights: list[float] | None = None, k: int = 60) -> dict:
+    """Hybrid retrieval by ranx's fusion: reciprocal rank fusion (`rrf`, constant `k`) or a weighted sum of
+    min-max normalised scores (`wsum`, `weights` default equal)."""
+    from ranx import fuse
+
+    ranx_runs = [Run({q: d for q, d in run.items() if d}, name=f"run{i}") for i, run in enumerate(runs)]
+    if method == "rrf":
+        fused = fuse(ranx_runs, norm=None, method="rrf", params={"k": k})
+    elif method == "wsum":
+        weights = weights or [1 / len(runs)] * len(runs)
+        fused = fuse(ranx_runs, norm="min-max", method="wsum", params={"weights": weights})
+    else:
+        raise ValueError(f'method must be "rrf" or "wsum", not {method!r}')
+    return {q: dict(docs) for q, docs in fused.to_dict().items()}
+
+
 def _ranx(qrels: dict, run: dict, name: str = "run") -> tuple[Qrels, Run]:
     return Qrels(qrels), Run({q: docs for q, docs in run.items() if docs}, name=name)
 

@@ -106,15 +106,17 @@ def dense_candidates(query_emb: np.ndarray, doc_emb: np.ndarray, k: int) -> tupl
     return np.vstack(scores), np.vstack(indices)
 
 
-def bm25_candidates(queries: list[str], docs: list[str], k: int, stopwords: str | None = "en") -> np.ndarray:
-    """Indices of the top-k documents per query by BM25 (bm25s)."""
+def bm25_candidates(
+    queries: list[str], docs: list[str], k: int, stopwords: str | None = "en"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) of the top-k documents per query by BM25 (bm25s), best first."""
     import bm25s
 
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(docs, stopwords=stopwords, show_progress=False), show_progress=False)
     tokens = bm25s.tokenize(queries, stopwords=stopwords, show_progress=False)
-    indices, _ = retriever.retrieve(tokens, k=min(k, len(docs)), show_progress=False)
-    return indices
+    indices, scores = retriever.retrieve(tokens, k=min(k, len(docs)), show_progress=False)
+    return scores, indices
 
 
 FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
@@ -228,7 +230,7 @@ def _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_
     if config.candidates in ("dense", "both"):
         dense = dense_candidates(query_emb, doc_emb, depth)[1]
     if config.candidates in ("bm25", "both"):
-        lexical = bm25_candidates([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
+        _, lexical = bm25_candidates([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
     if lexical is None:
         return {q: list(row) for q, row in zip(query_ids, dense, strict=True)}
     if dense is None:

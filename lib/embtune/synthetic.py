@@ -1,10 +1,10 @@
 """Notebook 01: synthetic training queries for a bare corpus, filtered, in BEIR layout, resumable.
 
 `run_dir/synthetic/generations.jsonl` is the journal: one line per processed document (prompt, raw reply, each
-candidate query with every filter's verdict), appended batch by batch. After each batch `queries.jsonl`,
-`qrels/train.tsv` and `stats.json` are rebuilt from it atomically, so the folder is always a consistent BEIR
-set, and a rerun skips the documents already journaled. Per-document randomness is seeded by the document id,
-so an interrupted run and an uninterrupted one end with the same files.
+candidate query with every filter's verdict, tokens spent so far), appended batch by batch. At the end
+`queries.jsonl`, `qrels/train.tsv` and `stats.json` are built from it atomically; a rerun skips the documents
+already journaled and builds them again. Per-document randomness is seeded by the document id, so an
+interrupted run and an uninterrupted one end with the same files.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
                 seen.add(key)
 
 
-def summarise(journal: list[dict], config: SynthConfig, tokens: int) -> dict:
+def summarise(journal: list[dict], config: SynthConfig) -> dict:
     dropped = [c["dropped_by"] for row in journal for c in row["queries"]]
     return {
         "generator": METHODS.get(config.generator, config.generator),
@@ -162,7 +162,7 @@ def summarise(journal: list[dict], config: SynthConfig, tokens: int) -> dict:
         "generated": len(dropped),
         "removed": {f: dropped.count(f) for f in FILTERS},
         "kept": dropped.count(None),
-        "tokens_used": tokens,
+        "tokens_used": journal[-1]["tokens_total"] if journal else 0,
         "config": asdict(config),
     }
 
@@ -208,8 +208,7 @@ def generate(
     folder.mkdir(parents=True, exist_ok=True)
     journal_path = folder / "generations.jsonl"
     journal = read_journal(journal_path)
-    stats_path = folder / "stats.json"
-    tokens_before = json.loads(stats_path.read_text())["tokens_used"] if journal and stats_path.exists() else 0
+    tokens_before = journal[-1]["tokens_total"] if journal else 0
     if generator is None and config.generator not in UNSUPERVISED:
         generator = make_generator(config)
     done = {row["doc_id"] for row in journal}
@@ -225,6 +224,8 @@ def generate(
         return tokens_before + getattr(generator, "tokens_used", 0)
 
     bar = tqdm(total=len(todo) + len(done), initial=len(done), desc="Documents")
+    kept = sum(c["dropped_by"] is None for row in journal for c in row["queries"])
+    dropped = sum(len(row["queries"]) for row in journal) - kept
     for start in range(0, len(todo), config.batch_size):
         if config.max_total_tokens is not None and tokens() >= config.max_total_tokens:
             print(f"token budget of {config.max_total_tokens:,} spent; stopping (raise it and rerun to go on)")
@@ -250,18 +251,19 @@ def generate(
                 }
             )
         _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator)
+        for row in rows:
+            row["tokens_total"] = tokens()
         with open(journal_path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
         journal += rows
-        write_beir(journal, folder)
-        stats = summarise(journal, config, tokens())
-        write_json(stats_path, stats)
+        batch_kept = sum(c["dropped_by"] is None for row in rows for c in row["queries"])
+        kept, dropped = kept + batch_kept, dropped + sum(len(row["queries"]) for row in rows) - batch_kept
         bar.update(len(batch))
-        bar.set_postfix(kept=stats["kept"], dropped=stats["generated"] - stats["kept"])
+        bar.set_postfix(kept=kept, dropped=dropped)
     bar.close()
-    stats = summarise(journal, config, tokens())
+    stats = summarise(journal, config)
     write_beir(journal, folder)
-    write_json(stats_path, stats)
+    write_json(folder / "stats.json", stats)
     return stats
