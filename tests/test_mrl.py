@@ -56,4 +56,5 @@ def test_quality_by_dimension_and_precision_on_real_embeddings(minilm):
     rows = quality_by_precision(query_emb, doc_emb, query_ids, list(docs), qrels)
     assert list(rows) == ["float32", "float16", "int8", "int8+rescore", "binary", "binary+rescore"]
     assert rows["float32"]["ndcg@10"] == full and abs(rows["float16"]["ndcg@10"] - full) < 0.005
-    assert rows["binary"]["ndcg@10"] < full and rows["binary+rescore"]["ndcg@10"] > rows["binary"]["ndcg@10"]
+    assert rows["int8"]["ndcg@10"] > 0.8 * full and rows["binary"]["ndcg@10"] > 0.5 * full  # Hamming: lower wins
+    assert rows["binary+rescore"]["ndcg@10"] > rows["binary"]["ndcg@10"]

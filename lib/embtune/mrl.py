@@ -50,8 +50,9 @@ def quality_by_precision(
     from sentence_transformers.util.quantization import quantize_embeddings, semantic_search_faiss
 
     def run_of(hits):
+        # Hits come best first; binary scores are Hamming distances (lower is better), so rank, don't score.
         rows = zip(query_ids, hits, strict=True)
-        return {q: {doc_ids[h["corpus_id"]]: float(h["score"]) for h in row} for q, row in rows}
+        return {q: {doc_ids[h["corpus_id"]]: float(len(row) - i) for i, h in enumerate(row)} for q, row in rows}
 
     k = min(100, len(doc_ids))
 
