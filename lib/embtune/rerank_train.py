@@ -21,11 +21,11 @@ from .files import replace_dir, write_json
 from .rerank import is_causal, load_reranker
 from .train import (
     QWEN_TARGET_MODULES,
-    SMALL_MODEL_PARAMS,
-    _approx_params,
     _keep_4bit_differentiable,
     _target_modules,
     last_complete_checkpoint,
+    plan,
+    quantization_kwargs,
     split_train_dev,
 )
 
@@ -78,24 +78,13 @@ def pointwise_rows(config: RerankConfig) -> dict[str, list]:
 def load_for_training(config: RerankConfig):
     """(model, description): the reranker, quantised and with LoRA as configured."""
     from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
 
     from .models import resolve
 
     path = resolve(config.base_model, "RERANKER")
-    full = config.full_finetune if config.full_finetune is not None else _approx_params(path) < SMALL_MODEL_PARAMS
-    quant = config.quant if config.quant != "auto" else ("4bit" if torch.cuda.is_available() and not full else "none")
-    if full and quant != "none":
-        raise ValueError("full fine-tuning needs quant='none' (quantised weights cannot be trained)")
-    model_kwargs = {}
-    if quant != "none":
-        model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quant == "4bit",
-            load_in_8bit=quant == "8bit",
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-        )
-    model = load_reranker(path, max_length=config.max_length, model_kwargs=model_kwargs)
+    how = plan(config, path)  # the embedder's rule: full below 300M parameters, 4-bit LoRA on a GPU above
+    full, quant = how.full_finetune, how.quant
+    model = load_reranker(path, max_length=config.max_length, model_kwargs=quantization_kwargs(quant))
     _keep_4bit_differentiable(model)
     if not full:
         if quant != "none":

@@ -136,6 +136,22 @@ def _keep_4bit_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def quantization_kwargs(quant: str) -> dict:
+    """transformers `model_kwargs` for bitsandbytes 4-bit (NF4) or 8-bit weights; none for "none"."""
+    if quant == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=quant == "4bit",
+            load_in_8bit=quant == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        )
+    }
+
+
 def load_for_training(config: TrainConfig):
     """(model, description): the base model ready to train, quantised and with LoRA as configured."""
     from peft import LoraConfig
@@ -158,17 +174,7 @@ def load_for_training(config: TrainConfig):
             full_finetuning=full,
         )
     else:
-        model_kwargs = {}
-        if quant != "none":
-            from transformers import BitsAndBytesConfig
-
-            model_kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=quant == "4bit",
-                load_in_8bit=quant == "8bit",
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-            )
-        model = SentenceTransformer(path, model_kwargs=model_kwargs, trust_remote_code=False)
+        model = SentenceTransformer(path, model_kwargs=quantization_kwargs(quant), trust_remote_code=False)
         _keep_4bit_differentiable(model)
     # Positions past the model's trained length are untrained, and attention memory grows with its square.
     model.max_seq_length = min(model.max_seq_length or config.max_seq_length, config.max_seq_length)
