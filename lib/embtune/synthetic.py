@@ -51,7 +51,7 @@ class SynthConfig:
     timeout: float = 60.0
     max_retries: int = 5
     max_total_tokens: int | None = None  # stop once this many tokens (prompt + reply) are spent
-    temperature: float = 0.7
+    temperature: float = 0.7  # the endpoint's; the in-process LM decodes greedily, so a resumed run is identical
     max_new_tokens: int = 256
     # filters (None: off)
     min_chars: int = 8
