@@ -12,7 +12,7 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all lint fixtures clean
+.PHONY: setup test run-all bench bench-quality lint fixtures clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,19 @@ run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \
 		$(if $(GENERATOR),--generator "$(GENERATOR)") $(if $(RERANKER),--reranker "$(RERANKER)") \
 		$(foreach p,$(PARAMS),--param "$(p)")
+
+# Speed and memory (CPU, under 30 min), then the goals table; each script rewrites its section of docs/BENCHMARKS.md.
+bench: setup
+	$(PY) bench/throughput.py
+	$(PY) bench/mining.py
+	$(PY) bench/goals.py
+
+# Quality against the shared data sets (hours on two CPU cores); the tables land in the same file.
+bench-quality: setup
+	$(PY) bench/train_quality.py
+	$(PY) bench/synthetic.py
+	$(PY) bench/mrl.py
+	$(PY) bench/goals.py
 
 lint: setup
 	$(VENV)/bin/ruff check lib tests bench notebooks data_samples

@@ -16,7 +16,7 @@ import pytest
 from conftest import write_beir
 from embtune.data import load_beir, training_labels
 from embtune.generators import Endpoint, GeneratorError, LocalLM, crop, ict, parse_queries
-from embtune.synthetic import SynthConfig, generate, read_journal
+from embtune.synthetic import SynthConfig, cosine_floor, generate, read_journal
 
 DOCS = {
     "eiffel": "The Eiffel Tower in Paris was completed in 1889 for the World's Fair. It is made of wrought iron.",
@@ -264,3 +264,11 @@ def test_token_and_document_budgets(llm_server, corpus, minilm, minilm_path, tmp
     assert stats["documents"] == 4 and stats["tokens_used"] == 40  # stopped once 25 were spent, batch by batch
     stats = generate(minilm, minilm_path, data, tmp_path / "d", endpoint_config(llm_server, max_documents=3))
     assert stats["documents"] == 3
+
+
+def test_cosine_floor_is_the_guides_for_llm_queries_and_off_for_spans_of_the_document():
+    assert cosine_floor(SynthConfig(generator="openai:qwen")) == 0.7
+    assert cosine_floor(SynthConfig(generator="ict")) is None and cosine_floor(SynthConfig(generator="crop")) is None
+    assert cosine_floor(SynthConfig(generator="ict", min_cosine=0.5)) == 0.5
+    with pytest.raises(ValueError, match='"auto"'):
+        cosine_floor(SynthConfig(generator="ict", min_cosine="high"))

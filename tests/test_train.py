@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import pytest
 import torch
 
 from conftest import SAMPLES
+from embtune.data import load_beir
 from embtune.encode import encode
 from embtune.merge import slerp, slerp_models
 from embtune.models import load_embedder
+from embtune.synthetic import SynthConfig, generate
 from embtune.train import TrainConfig, load_for_training, train
 
 TEXTS = ["how to sort a list", "sorted returns a new sorted list from the items in iterable", "open a file"]
@@ -53,6 +56,7 @@ def test_training_writes_adapter_model_and_log(trained):
     assert saved["loss_curve"] and saved["seconds"] > 0 and saved["peak_memory_mb"] > 0
     assert saved["n_dev_queries"] == 69  # pydocs has a dev split
     assert (run_dir / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["merge_with_base"] == 1.0 and not (run_dir / "finetuned").exists()  # human labels: as trained
 
 
 def test_merged_model_loads_with_plain_sentence_transformers(trained, tiny_embedding):
@@ -98,6 +102,24 @@ def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding):
     np.testing.assert_allclose(at0, base, atol=1e-5)
     np.testing.assert_allclose(at1, tuned, atol=1e-5)
     assert 0 < np.abs(half - base).max() < np.abs(tuned - base).max()
+
+
+def test_synthetic_only_training_is_merged_half_way_with_the_base(tmp_path, tiny_embedding):
+    data_dir = tmp_path / "data"
+    (data_dir / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):  # no train labels
+        shutil.copy(SAMPLES / "pydocs" / name, data_dir / name)
+    run_dir = tmp_path / "run"
+    model = load_embedder(str(tiny_embedding), device="cpu")
+    generate(model, str(tiny_embedding), load_beir(data_dir, limits="off"), run_dir,
+             SynthConfig(generator="ict", round_trip_k=None))  # fmt: skip
+    log = train(config(tiny_embedding, run_dir, data_dir=str(data_dir), merge_dtype="float32"))
+    assert log["merge_with_base"] == 0.5 and log["finetuned_model"] == str(run_dir / "finetuned")
+    finetuned = load_embedder(str(run_dir / "finetuned"), device="cpu")
+    merged = load_embedder(str(run_dir / "model"), device="cpu")
+    expected = encode(slerp_models(tiny_embedding, run_dir / "finetuned", 0.5), TEXTS, progress=False)
+    np.testing.assert_allclose(encode(merged, TEXTS, progress=False), expected, atol=1e-5)
+    assert merged.prompts == finetuned.prompts
 
 
 def test_lora_gradients_through_4bit_match_dequantised(tiny_embedding):
