@@ -134,3 +134,16 @@ def test_corpus_is_embedded_once_and_cached(planted, minilm, minilm_path, tmp_pa
     assert cached.stat().st_mtime_ns == mtime
     corpus_embeddings(minilm, minilm_path, planted, tmp_path, template="{text}")  # another key
     assert len(list((tmp_path / "cache").glob("corpus-*.npy"))) == 2
+
+
+def test_ict_pairs_get_no_mined_negatives_and_labelled_pairs_still_do(planted, minilm, minilm_path, tmp_path):
+    from embtune.synthetic import SynthConfig, generate
+
+    run_dir = tmp_path / "run"
+    generate(minilm, minilm_path, planted, run_dir, SynthConfig(generator="crop", round_trip_k=None, min_chars=1))
+    rows, stats = mine(minilm, minilm_path, planted, run_dir, MineConfig(num_negatives=2, relative_margin=None))
+    unsupervised = [r for r in rows if r["query_id"].startswith("synthetic:")]
+    assert unsupervised and stats["unsupervised_pairs"] == len(unsupervised)
+    assert all(r["negative_ids"] == [] for r in unsupervised)
+    assert all(len(r["negative_ids"]) == 2 for r in rows if not r["query_id"].startswith("synthetic:"))
+    assert stats["pairs_with_fewer_negatives"] == 0

@@ -173,11 +173,19 @@ def mine(
         "passed_filters": 0,
         "kept": 0,
         "pairs_with_fewer_negatives": 0,
+        "unsupervised_pairs": 0,
         "config": asdict(config),
     }
     survivors = []
     for qid, pos_id in tqdm(pairs, desc="Filtering negatives"):
         qe, pe, pos_text = query_emb[q_row[qid]], doc_emb[row_of[pos_id]], _normalized(docs[pos_id])
+        if qid in labels.views:
+            # ICT/crop pairs: the positive is a view of the document, not a relevance judgement, so the nearest
+            # other documents are often just as relevant; like ICT and Contriever, they train on in-batch
+            # negatives only (SciFact without labels: mined negatives turned a gain over the base into a loss).
+            stats["unsupervised_pairs"] += 1
+            survivors.append((qid, pos_id, float(qe @ pe), []))
+            continue
         ranked = [i for i in candidates[qid] if doc_ids[i] not in positives[qid]]
         stats["labelled_positives_excluded"] += len(candidates[qid]) - len(ranked)
         window = ranked[config.range_min : config.range_max]
@@ -208,7 +216,7 @@ def mine(
             else sorted(rng.sample(kept, min(config.num_negatives, len(kept))), key=lambda x: -x[1])
         )
         stats["kept"] += len(chosen)
-        stats["pairs_with_fewer_negatives"] += len(chosen) < config.num_negatives
+        stats["pairs_with_fewer_negatives"] += len(chosen) < config.num_negatives and qid not in labels.views
         rows.append(
             {
                 "query_id": qid,
