@@ -55,7 +55,6 @@ def test_scores_equal_the_official_snippet(tiny_models):
     np.testing.assert_allclose(custom, official_scores(path, PAIRS, "Find the answer"), atol=1e-5)
 
 
-
 def test_a_causal_lm_without_a_pad_token_scores_batches(tiny_models, tmp_path):
     """SmolLM2 and other chat LMs ship no pad token; batched scores must equal the official snippet's."""
     import shutil
@@ -68,6 +67,7 @@ def test_a_causal_lm_without_a_pad_token_scores_batches(tiny_models, tmp_path):
     assert AutoTokenizer.from_pretrained(path).pad_token is None
     model = load_reranker(str(path), device="cpu")
     np.testing.assert_allclose(model.predict(PAIRS, batch_size=3), official_scores(tiny_models[1], PAIRS), atol=1e-5)
+
 
 def test_rerank_rescores_the_top_of_a_run(tiny_models):
     model = load_reranker(str(tiny_models[1]), device="cpu")
