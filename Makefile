@@ -44,6 +44,7 @@ bench-quality: setup
 	$(PY) bench/train_quality.py
 	$(PY) bench/synthetic.py
 	$(PY) bench/mrl.py
+	$(PY) bench/rerank.py
 	$(PY) bench/goals.py
 
 lint: setup

@@ -144,3 +144,37 @@ def test_lora_merge_equals_the_adapter_and_changes_the_model(tiny_models, plante
     base = load_reranker(str(tiny_models[1]), device="cpu")
     np.testing.assert_allclose(merged.predict(pairs), adapter.predict(pairs), atol=1e-4)
     assert np.abs(merged.predict(pairs) - base.predict(pairs)).max() > 1e-3
+
+
+def test_unsloth_backend_trains_4bit_lora_and_merges(tiny_models, planted_run):
+    """unsloth's FastLanguageModel path (its CPU fallback here, 4-bit included), in a process of its own:
+    importing unsloth patches transformers for the whole process."""
+    import subprocess
+    import sys
+
+    from sentence_transformers import CrossEncoder
+
+    data, run, queries, docs = planted_run
+    script = (
+        "from embtune.rerank_train import RerankConfig, train_reranker\n"
+        f"log = train_reranker(RerankConfig({str(tiny_models[1])!r}, {str(data)!r}, {str(run)!r}, backend='unsloth', "
+        "quant='4bit', full_finetune=False, max_steps=10, learning_rate=1e-2, batch_size=8))\n"
+        "print('BACKEND', log['backend'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "unsloth FastLanguageModel | 4bit | LoRA" in out.stdout
+    pairs = [(q, d) for q in queries.values() for d in list(docs.values())[:2]]
+    adapter = load_reranker(str(run / "reranker" / "adapter"), device="cpu")
+    merged = CrossEncoder(str(run / "reranker" / "model"), device="cpu")
+    base = load_reranker(str(tiny_models[1]), device="cpu")
+    np.testing.assert_allclose(merged.predict(pairs), adapter.predict(pairs), atol=1e-4)
+    assert np.abs(merged.predict(pairs) - base.predict(pairs)).max() > 1e-3
+
+
+def test_unsloth_backend_refuses_a_cross_encoder(minilm_path, planted_run):
+    from embtune.rerank_train import RerankConfig, load_for_training
+
+    data, run, _, _ = planted_run
+    with pytest.raises(ValueError, match="backend='peft'"):
+        load_for_training(RerankConfig(minilm_path, str(data), str(run), backend="unsloth"))

@@ -57,19 +57,25 @@ def is_causal(model) -> bool:
     return any(isinstance(m, LogitScore) for m in model)
 
 
+def is_causal_lm(path: str, trust_remote_code=False) -> bool:
+    """Whether the folder (or the base of a LoRA adapter folder) holds a causal LM rather than a cross-encoder."""
+    from transformers import AutoConfig
+
+    adapter = Path(path) / "adapter_config.json"
+    config_path = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+    architectures = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code).architectures or []
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
 def load_reranker(name: str, device: str | None = None, max_length: int = 1024, trust_remote_code=False, **kw):
     """A CrossEncoder for a Qwen3-Reranker-style causal LM (given the official template) or any
     sentence-transformers cross-encoder; `predict` returns P(relevant) in [0, 1]."""
     from sentence_transformers import CrossEncoder
-    from transformers import AutoConfig
 
     from .models import resolve
 
     path = resolve(name, "RERANKER")
-    adapter = Path(path) / "adapter_config.json"  # a LoRA adapter folder: its base decides the architecture
-    config_path = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
-    architectures = AutoConfig.from_pretrained(config_path, trust_remote_code=trust_remote_code).architectures or []
-    if any(a.endswith("ForCausalLM") for a in architectures):
+    if is_causal_lm(path, trust_remote_code):
         # At load time: sentence-transformers decides then whether pairs become chat messages. A template
         # set later leaves them as plain text, and the model silently scores "querydocument".
         kw["processor_kwargs"] = {**kw.get("processor_kwargs", {}), "chat_template": CHAT_TEMPLATE}

@@ -4,7 +4,8 @@ The objective is the Qwen3 paper's point-wise SFT: -log p(yes) for a relevant pa
 With sentence-transformers' `LogitScore` (logit(yes) - logit(no)) and `BinaryCrossEntropyLoss` that is exactly
 the cross-entropy over the two answer tokens; the same loss trains a BERT-style CrossEncoder's head. LoRA (4-bit
 on a GPU) above 300M parameters, full fine-tuning below, as for the embedder; the template is
-`rerank.CHAT_TEMPLATE`, saved with the model.
+`rerank.CHAT_TEMPLATE`, saved with the model. A causal LM is loaded by unsloth's `FastLanguageModel` on a CUDA
+GPU (`backend="unsloth"` forces it, and on a CPU it runs in unsloth's CPU fallback), else by transformers + peft.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .data import DEFAULT_DOC_TEMPLATE, load_beir, training_labels
 from .files import replace_dir, write_json
-from .rerank import is_causal, load_reranker
+from .rerank import is_causal, is_causal_lm, load_reranker
 from .train import (
     QWEN_TARGET_MODULES,
     _keep_4bit_differentiable,
@@ -38,6 +39,7 @@ class RerankConfig:
     instruction: str | None = None  # None: Qwen's web-search task
     doc_template: str = DEFAULT_DOC_TEMPLATE
     max_negatives: int = 3  # negatives per (query, positive) from notebook 02, each a "no" example
+    backend: str = "auto"  # unsloth | peft | auto (unsloth for a causal LM on a CUDA GPU, else peft)
     quant: str = "auto"  # 4bit | 8bit | none | auto (4bit for LoRA on CUDA, else none)
     full_finetune: bool | None = None  # None: full below 300M parameters, LoRA above
     lora_r: int = 16
@@ -77,13 +79,28 @@ def pointwise_rows(config: RerankConfig) -> dict[str, list]:
 
 def load_for_training(config: RerankConfig):
     """(model, description): the reranker, quantised and with LoRA as configured."""
-    from peft import LoraConfig
-
     from .models import resolve
 
     path = resolve(config.base_model, "RERANKER")
     how = plan(config, path)  # the embedder's rule: full below 300M parameters, 4-bit LoRA on a GPU above
     full, quant = how.full_finetune, how.quant
+    if config.backend not in ("auto", "unsloth", "peft"):
+        raise ValueError(f'backend must be "unsloth", "peft" or "auto", not {config.backend!r}')
+    causal = is_causal_lm(path)
+    if config.backend == "unsloth" and not causal:
+        raise ValueError(f"{path} is a cross-encoder; unsloth trains causal LMs only: set backend='peft'")
+    unsloth = causal and (config.backend == "unsloth" or (config.backend == "auto" and how.backend == "unsloth"))
+    model = (_unsloth_model if unsloth else _peft_model)(path, config, quant, full)
+    kind = "causal LM, P(yes)" if causal else "cross-encoder"
+    mode = "full fine-tuning" if full else f"LoRA r={config.lora_r}"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backend = "unsloth FastLanguageModel" if unsloth else "sentence-transformers + peft"
+    return model, f"{kind} | {backend} | {quant} | {mode} | {trainable:,} parameters trainable"
+
+
+def _peft_model(path: str, config: RerankConfig, quant: str, full: bool):
+    from peft import LoraConfig
+
     model = load_reranker(path, max_length=config.max_length, model_kwargs=quantization_kwargs(quant))
     _keep_4bit_differentiable(model)
     if not full:
@@ -94,10 +111,29 @@ def load_for_training(config: RerankConfig):
         targets = _target_modules(model[0].model, config.target_modules)
         model.add_adapter(LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                      target_modules=targets, bias="none"))  # fmt: skip
-    kind = "causal LM, P(yes)" if is_causal(model) else "cross-encoder"
-    mode = "full fine-tuning" if full else f"LoRA r={config.lora_r}"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, f"{kind} | sentence-transformers + peft | {quant} | {mode} | {trainable:,} parameters trainable"
+    return model
+
+
+def _unsloth_model(path: str, config: RerankConfig, quant: str, full: bool):
+    """The causal LM loaded (and LoRA-wrapped) by unsloth, inside the CrossEncoder that reads its yes/no
+    logits. The CrossEncoder is built on the meta device, so the weights are loaded once, by unsloth."""
+    from unsloth import FastLanguageModel
+
+    lm, _ = FastLanguageModel.from_pretrained(path, max_seq_length=config.max_length, load_in_4bit=quant == "4bit",
+                                              load_in_8bit=quant == "8bit", full_finetuning=full)  # fmt: skip
+    if not full:
+        lm = FastLanguageModel.get_peft_model(
+            lm,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_target_modules(lm, config.target_modules),
+            use_gradient_checkpointing="unsloth" if torch.cuda.is_available() else False,
+            random_state=config.seed,
+        )
+    model = load_reranker(path, max_length=config.max_length, model_kwargs={"device_map": "meta"})
+    model[0].model = lm
+    return model
 
 
 def merge_reranker(base_model: str, adapter_dir: str | Path, out: str | Path, max_length: int = 512) -> Path:
