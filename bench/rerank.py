@@ -40,9 +40,8 @@ def smollm2_folder(out: Path) -> Path:
 
 def main():
     from embtune.data import load_beir
-    from embtune.encode import encode
     from embtune.evaluate import bm25_run, dense_runs, fuse_runs, score
-    from embtune.mine import mine, save
+    from embtune.mine import corpus_embeddings, mine, save
     from embtune.models import load_embedder
     from embtune.rerank import load_reranker, rerank
     from embtune.rerank_train import RerankConfig, train_reranker
@@ -72,7 +71,7 @@ def main():
         save(*mine(embedder, minilm_path(), data, run_dir), run_dir)  # notebook 02's defaults
         mine_s = time.perf_counter() - start
         start = time.perf_counter()
-        doc_emb = encode(embedder, list(docs.values()))
+        doc_emb = corpus_embeddings(embedder, minilm_path(), data, run_dir)  # encoded once, by the mining
         dense = dense_runs(embedder, doc_emb, list(docs), queries, {"main": None})["main"]
         add("dense (MiniLM)", dense, time.perf_counter() - start)
         start = time.perf_counter()
