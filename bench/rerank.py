@@ -1,12 +1,12 @@
 """Two-stage and hybrid retrieval on SciFact test: dense alone, BM25, hybrid (RRF and weighted sum), and dense
 followed by a reranker trained on SciFact train with notebook 06's code: an all-MiniLM-L6-v2 cross-encoder
 (binary cross-entropy on a new head) and the offline SmolLM2-135M-Instruct as a causal yes/no reranker
-(Qwen3-Reranker's template, score = P(yes)), the latter also untrained. CPU.
+(Qwen3-Reranker's template, score = P(yes)). CPU.
 
 The dense retriever is the base all-MiniLM-L6-v2; the rerankers train on notebook 02's mined negatives with
 notebook 06's defaults, except for `--max-length` and the SmolLM2 step cap that keep this within a CPU budget.
 
-    python bench/rerank.py [--top-k 20] [--llm-steps 150] [--max-length 256]
+    python bench/rerank.py [--top-k 10] [--llm-steps 100] [--max-length 256]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main():
     from embtune.rerank_train import RerankConfig, train_reranker
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--top-k", type=int, default=20, help="dense candidates each reranker re-scores")
-    parser.add_argument("--llm-steps", type=int, default=150, help="training steps of the SmolLM2 reranker")
+    parser.add_argument("--top-k", type=int, default=10, help="dense candidates each reranker re-scores")
+    parser.add_argument("--llm-steps", type=int, default=100, help="training steps of the SmolLM2 reranker")
     parser.add_argument("--max-length", type=int, default=256, help="reranker tokens per pair")
     args = parser.parse_args()
 
@@ -81,10 +81,6 @@ def main():
         add("hybrid wsum", fuse_runs([dense, bm25], "wsum"))
 
         llm = str(smollm2_folder(Path(tmp) / "smollm2"))
-        start = time.perf_counter()
-        add(f"dense + SmolLM2 untrained, top {args.top_k}",
-            rerank(load_reranker(llm, max_length=args.max_length), queries, dense, docs, args.top_k),
-            time.perf_counter() - start)  # fmt: skip
         for name, base, steps in (("MiniLM cross-encoder", minilm_path(), -1), ("SmolLM2", llm, args.llm_steps)):
             out = Path(tmp) / name.split()[0]
             config = RerankConfig(base_model=base, data_dir=data_dir, run_dir=str(out), max_length=args.max_length,
