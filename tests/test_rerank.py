@@ -75,7 +75,8 @@ def test_rerank_rescores_the_top_of_a_run(tiny_models):
     docs = {f"d{i}": d for i, (_, d) in enumerate(PAIRS)}
     run = {"q": {"d0": 0.9, "d1": 0.8, "d2": 0.1}}
     out = rerank(model, queries, run, docs, top_k=2)
-    assert set(out["q"]) == {"d0", "d1"}
+    assert set(out["q"]) == {"d0", "d1", "d2"}
+    assert out["q"]["d2"] < min(out["q"]["d0"], out["q"]["d1"])  # below the cut: kept, under the reranked ones
     expected = official_scores(str(tiny_models[1]), [(queries["q"], docs["d0"]), (queries["q"], docs["d1"])])
     np.testing.assert_allclose([out["q"]["d0"], out["q"]["d1"]], expected, atol=1e-5)
 

@@ -87,15 +87,22 @@ def load_reranker(name: str, device: str | None = None, max_length: int = 1024, 
 
 def rerank(model, queries: dict[str, str], run: dict[str, dict[str, float]], docs: dict[str, str], top_k: int = 100,
            instruction: str | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Re-score each query's top `top_k` documents of `run` with the reranker; returns the new run."""
-    pairs, keys = [], []
+    """Re-score each query's top `top_k` documents of `run` with the reranker; returns the new run. The
+    documents below `top_k` follow in their first-stage order (scores below any reranked one), so a shallow
+    rerank keeps the first stage's recall at depth."""
+    pairs, keys, rest = [], [], {}
     for qid, ranked in run.items():
-        for did in sorted(ranked, key=ranked.get, reverse=True)[:top_k]:
+        order = sorted(ranked, key=ranked.get, reverse=True)
+        for did in order[:top_k]:
             pairs.append((queries[qid], docs[did]))
             keys.append((qid, did))
+        rest[qid] = order[top_k:]
     kwargs = {"prompt": instruction} if instruction and is_causal(model) else {}
     scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=True, **kwargs) if pairs else []
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {qid: {} for qid in run}
     for (qid, did), s in zip(keys, scores, strict=True):
-        out.setdefault(qid, {})[did] = float(s)
+        out[qid][did] = float(s)
+    for qid, tail in rest.items():
+        floor = min(out[qid].values(), default=0.0)
+        out[qid].update({did: floor - 1.0 - i for i, did in enumerate(tail)})
     return out

@@ -176,14 +176,19 @@ def train_reranker(config: RerankConfig) -> dict:
         # the instruction, as the system message the template reads; scoring passes the same `prompt`
         prompts=config.instruction if config.instruction and is_causal(model) else None,
     )
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=BinaryCrossEntropyLoss(model))
+    # Each positive comes with up to `max_negatives` negatives: weigh positives by the ratio so both classes count
+    # alike (sentence-transformers' reranker recipe; the ranking, not P(yes)'s calibration, is what matters).
+    n_positive = int(sum(dataset["label"]))
+    pos_weight = torch.tensor((len(dataset) - n_positive) / max(1, n_positive))
+    loss = BinaryCrossEntropyLoss(model, pos_weight=pos_weight)
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out / "checkpoints"))
     log = {
         "backend": description,
         "config": asdict(config),
         "n_rows": len(dataset),
-        "n_positive": int(sum(dataset["label"])),
+        "n_positive": n_positive,
         "steps": trainer.state.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
