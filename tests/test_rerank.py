@@ -121,6 +121,7 @@ def test_planted_relevant_documents_move_up_after_training(tiny_models, planted_
     config = RerankConfig(str(tiny_models[1]), str(data), str(run), max_steps=150, learning_rate=3e-3, batch_size=8)
     log = train_reranker(config)
     assert log["n_rows"] == 6 * 4 and log["n_positive"] == 6 and "full fine-tuning" in log["backend"]
+    assert log["pos_weight"] == 3.0  # three negatives per positive: both classes weigh alike in the loss
     after = _rank_of_positive(load_reranker(str(run / "reranker" / "model"), device="cpu"), queries, docs)
     # Every planted document ranks at least as high as before and most reach the top. Not all: the last steps
     # differ with the CPU thread count (reduction order), and one query may end a rank short.

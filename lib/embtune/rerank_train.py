@@ -189,6 +189,7 @@ def train_reranker(config: RerankConfig) -> dict:
         "config": asdict(config),
         "n_rows": len(dataset),
         "n_positive": n_positive,
+        "pos_weight": round(float(pos_weight), 4),
         "steps": trainer.state.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
