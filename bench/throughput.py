@@ -5,10 +5,13 @@ same model, rows (SciFact train pairs, built once by `training_dataset`), loss (
 our default Qwen3 loss is timed too), batch, sampler, seed and number of steps. A callback times the optimiser
 steps only, the first one left out as warm-up, so loading, evaluation and saving are not counted. Each run is
 its own process (peak RSS is its own); runs alternate between the systems and the median is reported.
+Both paths run the same Trainer, so their difference is near the noise of this shared 2-core machine: a
+second, identical plain run (an A/A control) shows how large that noise is, and each ratio is paired with
+the plain run of the same round.
 Encoding: `embtune.encode.encode` against `SentenceTransformer.encode` on the same texts, in one process.
 Models: the tiny random Qwen3 embedder (last-token pooling) and all-MiniLM-L6-v2.
 
-    python bench/throughput.py [--repeats 3] [--steps 12]
+    python bench/throughput.py [--repeats 4] [--steps N]
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED, markdown_table, minilm_path, peak_rss_mb, save_results  # noqa: E402
 
 BATCH, SEQ, ENCODE_DOCS = 16, 128, 1000
-SYSTEMS = {"plain ST (MNRL)": "plain", "ours (MNRL)": "mnrl", "ours (Qwen3 loss)": "qwen3"}
+SYSTEMS = {
+    "plain ST (MNRL)": "plain",
+    "plain ST again (A/A)": "plain",
+    "ours (MNRL)": "mnrl",
+    "ours (Qwen3 loss)": "qwen3",
+}
+STEPS = {"tiny Qwen3": 60, "MiniLM": 16}  # about 4 and 16 s of timed steps: long enough to average out hiccups
 
 
 def model_path(name: str, folder: Path) -> str:
@@ -145,45 +154,52 @@ def with_ratio(rows: list[dict], key: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--steps", type=int, help="optimiser steps per run (default: per model, see STEPS)")
     parser.add_argument("--models", nargs="+", default=["tiny Qwen3", "MiniLM"])
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SYSTEM"))
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(train_once(*args.one, args.steps)))
+        print("RESULT " + json.dumps(train_once(*args.one, args.steps or STEPS[args.one[0]])))
         return
     training, encoding = [], []
     for model in args.models:
+        steps = args.steps or STEPS[model]
         runs = {name: [] for name in SYSTEMS}
         for repeat in range(args.repeats):
             names = list(SYSTEMS)[repeat % len(SYSTEMS) :] + list(SYSTEMS)[: repeat % len(SYSTEMS)]
             for name in names:  # each system goes first once: a drift of the machine favours none
-                system = SYSTEMS[name]
-                cmd = [sys.executable, __file__, "--one", model, system, "--steps", str(args.steps)]
+                cmd = [sys.executable, __file__, "--one", model, SYSTEMS[name], "--steps", str(steps)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[name].append(json.loads(out.rsplit("RESULT ", 1)[1]))
                 print(model, name, runs[name][-1], flush=True)
-        rows = [
-            {"model": model, "system": name, **{k: statistics.median(r[k] for r in rs) for k in rs[0]},
-             "range": f"{min(r['rows_per_s'] for r in rs):.1f}–{max(r['rows_per_s'] for r in rs):.1f}"}
-            for name, rs in runs.items()
-        ]  # fmt: skip
-        training += with_ratio(rows, "rows_per_s")
+        reference = [r["rows_per_s"] for r in runs[next(iter(SYSTEMS))]]
+        for name, rs in runs.items():
+            ratios = [r["rows_per_s"] / ref for r, ref in zip(rs, reference, strict=True)]  # paired with the same round
+            training.append(
+                {"model": model, "system": name, "steps": steps,
+                 **{k: statistics.median(r[k] for r in rs) for k in rs[0]},
+                 "range": f"{min(r['rows_per_s'] for r in rs):.1f}–{max(r['rows_per_s'] for r in rs):.1f}",
+                 "ratio": statistics.median(ratios), "ratio_range": f"{min(ratios):.3f}–{max(ratios):.3f}"}
+            )  # fmt: skip
         encoding += [{"model": model, **r} for r in with_ratio(encode_once(model, args.repeats), "docs_per_s")]
         print(encoding[-2:], flush=True)
     section = (
         "## Training and encoding speed against plain sentence-transformers\n\n"
-        f"`bench/throughput.py`: {args.steps} optimiser steps at batch {BATCH} × at most {SEQ} tokens on SciFact "
+        f"`bench/throughput.py`: `steps` optimiser steps at batch {BATCH} × at most {SEQ} tokens on SciFact "
         "train pairs, the first step left out as warm-up; full fine-tuning (both models are under 300M "
-        f"parameters); median of {args.repeats} runs (range: slowest–fastest), each in its own process, each "
-        "system first in turn. The ratio is against plain sentence-transformers (≥ 1.0: our path costs no speed; "
-        "both run the same Trainer, so a ratio within the range's spread is noise).\n\n"
-        + markdown_table(training, ["model", "system", "rows_per_s", "range", "tokens_per_s", "ratio", "peak_rss_mb"])
+        f"parameters); median of {args.repeats} rounds (range: slowest–fastest), each run in its own process, "
+        "each system first in one round. The ratio is against the plain sentence-transformers run of the same "
+        "round, median and range over the rounds (≥ 1.0: our path costs no speed). The A/A row runs plain "
+        "sentence-transformers a second time: its largest deviation from 1.0 is the noise of this machine.\n\n"
+        + markdown_table(
+            training,
+            ["model", "system", "steps", "rows_per_s", "range", "tokens_per_s", "ratio", "ratio_range", "peak_rss_mb"],
+        )
         + f"\n\nEncoding {ENCODE_DOCS:,} SciFact documents, batch 32, median of {args.repeats} in one process:\n\n"
         + markdown_table(encoding, ["model", "system", "docs_per_s", "ratio"])
     )
-    save_results("throughput", {"steps": args.steps, "batch": BATCH, "max_seq_length": SEQ,
+    save_results("throughput", {"batch": BATCH, "max_seq_length": SEQ,
                                 "training": training, "encoding": encoding}, section)  # fmt: skip
 
 

@@ -160,7 +160,6 @@ def quantization_kwargs(quant: str) -> dict:
 
 def load_for_training(config: TrainConfig):
     """(model, description): the base model ready to train, quantised and with LoRA as configured."""
-    from peft import LoraConfig
     from sentence_transformers import SentenceTransformer
 
     from .models import resolve
@@ -181,7 +180,8 @@ def load_for_training(config: TrainConfig):
         )
     else:
         model = SentenceTransformer(path, model_kwargs=quantization_kwargs(quant), trust_remote_code=False)
-        _keep_4bit_differentiable(model)
+        if quant == "4bit":
+            _keep_4bit_differentiable(model)
     # Positions past the model's trained length are untrained, and attention memory grows with its square.
     model.max_seq_length = min(model.max_seq_length or config.max_seq_length, config.max_seq_length)
     prepare(model)
@@ -203,9 +203,9 @@ def load_for_training(config: TrainConfig):
                 random_state=config.seed,
             )
         else:
-            if quant != "none":
-                from peft import prepare_model_for_kbit_training
+            from peft import LoraConfig, prepare_model_for_kbit_training
 
+            if quant != "none":
                 prepare_model_for_kbit_training(inner, use_gradient_checkpointing=gradient_checkpointing)
             # sentence-transformers' own adapter support: checkpoints and saves hold the adapter only.
             model.add_adapter(
