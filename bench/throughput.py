@@ -35,6 +35,8 @@ SYSTEMS = {
     "ours (MNRL)": "mnrl",
     "ours (Qwen3 loss)": "qwen3",
 }
+TRAINING_COLUMNS = ["model", "system", "steps", "rows_per_s", "range", "tokens_per_s", "ratio", "ratio_min",
+                    "ratio_max", "peak_rss_mb"]  # fmt: skip
 STEPS = {"tiny Qwen3": 60, "MiniLM": 16}  # about 4 and 16 s of timed steps: long enough to average out hiccups
 
 
@@ -180,27 +182,31 @@ def main():
                 {"model": model, "system": name, "steps": steps,
                  **{k: statistics.median(r[k] for r in rs) for k in rs[0]},
                  "range": f"{min(r['rows_per_s'] for r in rs):.1f}–{max(r['rows_per_s'] for r in rs):.1f}",
-                 "ratio": statistics.median(ratios), "ratio_range": f"{min(ratios):.3f}–{max(ratios):.3f}"}
+                 "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
             )  # fmt: skip
         encoding += [{"model": model, **r} for r in with_ratio(encode_once(model, args.repeats), "docs_per_s")]
         print(encoding[-2:], flush=True)
-    section = (
+    results = {"rounds": args.repeats, "batch": BATCH, "max_seq_length": SEQ, "training": training,
+               "encoding": encoding}  # fmt: skip
+    save_results("throughput", results, section(results))
+
+
+def section(results: dict) -> str:
+    """The docs/BENCHMARKS.md section of the saved results."""
+    rounds = results["rounds"]
+    return (
         "## Training and encoding speed against plain sentence-transformers\n\n"
         f"`bench/throughput.py`: `steps` optimiser steps at batch {BATCH} × at most {SEQ} tokens on SciFact "
         "train pairs, the first step left out as warm-up; full fine-tuning (both models are under 300M "
-        f"parameters); median of {args.repeats} rounds (range: slowest–fastest), each run in its own process, "
+        f"parameters); median of {rounds} rounds (range: slowest–fastest), each run in its own process, "
         "each system first in one round. The ratio is against the plain sentence-transformers run of the same "
-        "round, median and range over the rounds (≥ 1.0: our path costs no speed). The A/A row runs plain "
-        "sentence-transformers a second time: its largest deviation from 1.0 is the noise of this machine.\n\n"
-        + markdown_table(
-            training,
-            ["model", "system", "steps", "rows_per_s", "range", "tokens_per_s", "ratio", "ratio_range", "peak_rss_mb"],
-        )
-        + f"\n\nEncoding {ENCODE_DOCS:,} SciFact documents, batch 32, median of {args.repeats} in one process:\n\n"
-        + markdown_table(encoding, ["model", "system", "docs_per_s", "ratio"])
+        "round, median, minimum and maximum over the rounds (≥ 1.0: our path costs no speed). The A/A row runs "
+        "plain sentence-transformers a second time: its largest deviation from 1.0 is the noise of this "
+        "machine.\n\n"
+        + markdown_table(results["training"], TRAINING_COLUMNS)
+        + f"\n\nEncoding {ENCODE_DOCS:,} SciFact documents, batch 32, median of {rounds} in one process:\n\n"
+        + markdown_table(results["encoding"], ["model", "system", "docs_per_s", "ratio"])
     )
-    save_results("throughput", {"batch": BATCH, "max_seq_length": SEQ,
-                                "training": training, "encoding": encoding}, section)  # fmt: skip
 
 
 if __name__ == "__main__":
