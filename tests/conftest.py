@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def minilm(minilm_path):
     from embtune.models import load_embedder
 
     return load_embedder(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pydocs_minilm(minilm, minilm_path, tmp_path_factory):
+    """(data, run dir, document embeddings): pydocs embedded once by MiniLM, cached in the run directory as the
+    notebooks cache it; `with_cache` copies that cache into a test's own run directory."""
+    from embtune.data import DEFAULT_DOC_TEMPLATE, load_beir
+    from embtune.encode import corpus_embeddings
+
+    data = load_beir(SAMPLES / "pydocs")
+    run = tmp_path_factory.mktemp("pydocs-minilm")
+    return data, run, corpus_embeddings(minilm, minilm_path, data, run, DEFAULT_DOC_TEMPLATE)
+
+
+def with_cache(pydocs_minilm, run_dir: Path) -> Path:
+    shutil.copytree(pydocs_minilm[1] / "cache", run_dir / "cache")
+    return run_dir
 
 
 def write_beir(folder: Path, corpus=None, queries=None, qrels=None) -> Path:

@@ -1,13 +1,9 @@
 import numpy as np
 import pytest
 
-from conftest import SAMPLES
-from embtune.data import load_beir
-from embtune.encode import encode
 from embtune.evaluate import (
     METRICS,
     dense_runs,
-    dense_search,
     per_query,
     report_markdown,
     score,
@@ -32,19 +28,9 @@ def test_metrics_on_a_hand_computed_case():
     q1 = (2 / np.log2(3) + 1 / 2) / (2 + 1 / np.log2(3))
     assert m["ndcg@3"] == pytest.approx((q1 + 1) / 2, abs=1e-6)
     assert per_query(QRELS, run, "ndcg@3") == pytest.approx({"q1": q1, "q2": 1.0}, abs=1e-6)
-    # A query the system returned nothing for scores 0, not an error.
+    # A query the system returned nothing for scores 0, not an error; a system that found nothing at all too.
     assert score(QRELS, {"q1": run["q1"]})["mrr@10"] == pytest.approx(0.25)
-
-
-def test_dense_search_is_exact_top_k():
-    rng = np.random.default_rng(0)
-    docs = rng.normal(size=(50, 8)).astype(np.float32)
-    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
-    queries = docs[:3] + 0.01
-    run = dense_search(queries, docs, ["a", "b", "c"], [f"d{i}" for i in range(50)], top_k=5)
-    for qid, row in zip("abc", queries, strict=True):
-        expected = np.argsort(-(docs @ row))[:5]
-        assert list(run[qid]) == [f"d{i}" for i in expected]
+    assert score(QRELS, {"q1": {}, "q2": {}})["ndcg@10"] == 0.0 and per_query(QRELS, {}) == {"q1": 0.0, "q2": 0.0}
 
 
 def test_significance_and_wins_losses():
@@ -72,39 +58,21 @@ def test_significance_and_wins_losses():
     assert "| finetuned | 0.9667†" in report and "29 wins, 0 ties, 1 losses" in report and "Q0" in report
 
 
-def test_ndcg_equals_sentence_transformers_evaluator(minilm):
-    """Our pipeline's NDCG@10 agrees with sentence-transformers' InformationRetrievalEvaluator."""
+def test_ndcg_equals_sentence_transformers_evaluator(minilm, pydocs_minilm):
+    """Our pipeline's NDCG@10 agrees with sentence-transformers' InformationRetrievalEvaluator (on the test
+    queries' documents and 200 others, which the evaluator encodes itself)."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    data = load_beir(SAMPLES / "pydocs")
+    data, _, doc_emb = pydocs_minilm
     qrels = data.relevant("test")
     queries = {q: data.queries[q] for q in qrels}
     docs = data.doc_texts()
-    doc_emb = encode(minilm, list(docs.values()))
-    ours = score(qrels, dense_runs(minilm, doc_emb, list(docs), queries, {"main": None})["main"])
-    evaluator = InformationRetrievalEvaluator(
-        queries, docs, {q: set(d) for q, d in qrels.items()}, ndcg_at_k=[10], mrr_at_k=[10], show_progress_bar=False
-    )
+    keep = sorted({d for ds in qrels.values() for d in ds} | set(list(docs)[:200]))
+    rows = [list(docs).index(d) for d in keep]
+    ours = score(qrels, dense_runs(minilm, doc_emb[rows], keep, queries, {"main": None})["main"])
+    relevant = {q: set(d) for q, d in qrels.items()}
+    evaluator = InformationRetrievalEvaluator(queries, {d: docs[d] for d in keep}, relevant, ndcg_at_k=[10],
+                                              mrr_at_k=[10], show_progress_bar=False)  # fmt: skip
     theirs = evaluator(minilm)
     assert ours["ndcg@10"] == pytest.approx(theirs[f"{evaluator.primary_metric}"], abs=0.005)
     assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample
-
-
-def test_fusion_on_a_hand_computed_case():
-    from embtune.evaluate import fuse_runs
-
-    dense = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
-    lexical = {"q": {"b": 12.0, "c": 8.0, "d": 2.0}}
-    rrf = fuse_runs([dense, lexical], "rrf", k=60)["q"]
-    assert rrf == pytest.approx({"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 63 + 1 / 62, "d": 1 / 63})
-    wsum = fuse_runs([dense, lexical], "wsum", weights=[0.5, 0.5])["q"]
-    # min-max per run: dense a 1, b 0.5, c 0; lexical b 1, c 0.6, d 0
-    assert wsum == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.3, "d": 0.0})
-
-
-def test_bm25_run_ranks_the_lexical_match_first():
-    from embtune.evaluate import bm25_run
-
-    docs = {"a": "the cat sat on the mat", "b": "dogs chase cats", "c": "stock markets fell sharply today"}
-    run = bm25_run({"q": "stock market"}, docs, top_k=3)
-    assert max(run["q"], key=run["q"].get) == "c" and "a" not in run["q"]

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from embtune.fixtures import write_tiny_qwen3_embedding
@@ -44,14 +45,15 @@ def test_fixtures_are_deterministic(tmp_path, tiny_embedding):
     assert (tiny_embedding / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
 
 
-def test_fixtures_command_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "embtune.fixtures", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
-    assert "tiny-qwen3-embedding" in out
-    assert (tmp_path / "tiny-qwen3-embedding" / "config_sentence_transformers.json").exists()
-    assert (tmp_path / "tiny-qwen3-reranker" / "model.safetensors").exists()
+def test_fixtures_command_line_writes_the_same_models(tmp_path, tiny_models):
+    """`make fixtures` writes the very models the tests build in process: same weights, same tokenizers."""
+    out = subprocess.run([sys.executable, "-m", "embtune.fixtures", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout  # fmt: skip
+    written = [tmp_path / "tiny-qwen3-embedding", tmp_path / "tiny-qwen3-reranker"]
+    assert out.split() == [str(p) for p in written]
+    for mine, theirs in zip(written, tiny_models, strict=True):
+        a, b = load_file(next(mine.rglob("model.safetensors"))), load_file(next(theirs.rglob("model.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert next(mine.rglob("tokenizer.json")).read_text() == next(theirs.rglob("tokenizer.json")).read_text()
+    assert load_embedder(str(written[0]), device="cpu")[1].pooling_mode == "lasttoken"
+    assert type(AutoModelForCausalLM.from_pretrained(written[1])).__name__ == "Qwen3ForCausalLM"

@@ -1,12 +1,17 @@
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from conftest import SAMPLES, write_beir
+from conftest import SAMPLES, with_cache, write_beir
 from embtune.data import load_beir
-from embtune.encode import encode
-from embtune.mine import MineConfig, corpus_embeddings, mine, save, training_pairs
+from embtune.encode import corpus_embeddings, encode
+from embtune.mine import MineConfig, mine, save
+
+
+def mine_config(run_dir, **overrides):
+    return MineConfig(data_dir="unused", run_dir=str(run_dir), base_model="unused", **overrides)
 
 DOCS = [
     ("pos", "The Eiffel Tower in Paris was completed in 1889 for the World's Fair."),
@@ -44,8 +49,8 @@ def planted(tmp_path):
 
 
 def test_copies_of_the_positive_and_labelled_positives_are_never_negatives(planted, minilm, minilm_path, tmp_path):
-    config = MineConfig(num_negatives=8, relative_margin=None)
-    rows, stats = mine(minilm, minilm_path, planted, tmp_path / "run", config)
+    rows, stats = mine(minilm, minilm_path, planted, mine_config(tmp_path / "run", num_negatives=8,
+                                                                 relative_margin=None))  # fmt: skip
     q1 = next(r for r in rows if r["query_id"] == "q1")
     assert {"copy", "near"}.isdisjoint(q1["negative_ids"])  # exact and near duplicates of the positive
     assert "also" not in q1["negative_ids"]  # a positive of the same query in another split
@@ -55,50 +60,84 @@ def test_copies_of_the_positive_and_labelled_positives_are_never_negatives(plant
     assert q1["negative_scores"] == sorted(q1["negative_scores"], reverse=True)
 
 
-def test_no_labelled_positive_is_ever_a_negative_on_real_data(minilm, minilm_path, tmp_path):
-    data = load_beir(SAMPLES / "pydocs")
-    rows, stats = mine(minilm, minilm_path, data, tmp_path / "run", MineConfig(candidates="both"))
-    _, _, positives = training_pairs(data, tmp_path / "run")
-    assert len(rows) == stats["pairs"] == 276
-    assert all(not set(r["negative_ids"]) & positives[r["query_id"]] for r in rows)
-    # Every kept negative passed the relative margin against its positive.
-    assert all(s < 0.95 * r["positive_score"] for r in rows for s in r["negative_scores"])
+@pytest.fixture(scope="module")
+def several_positives(tmp_path_factory, minilm_path):
+    """pydocs, where 30 training queries get two more labelled positives: the two documents plain
+    sentence-transformers ranks highest for them among those not labelled (so, unless excluded, the first
+    negatives a miner would pick). The oracle is the TSV written here, not the library."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    folder = shutil.copytree(SAMPLES / "pydocs", tmp_path_factory.mktemp("data") / "pydocs")
+    lines = (folder / "qrels" / "train.tsv").read_text().splitlines()
+    positives = {}
+    for line in lines[1:]:
+        q, d, _ = line.split("\t")
+        positives.setdefault(q, set()).add(d)
+    queries = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "queries.jsonl").read_text().splitlines()}
+    corpus = [json.loads(x) for x in (folder / "corpus.jsonl").read_text().splitlines()]
+    model = SentenceTransformer(minilm_path, device="cpu")
+    doc_emb = model.encode([f"{d['title']} {d['text']}".strip() for d in corpus], normalize_embeddings=True)
+    chosen = sorted(positives)[:30]
+    query_emb = model.encode([queries[q] for q in chosen], normalize_embeddings=True)
+    for q, qe in zip(chosen, query_emb, strict=True):
+        ranked = [corpus[i]["_id"] for i in np.argsort(-(doc_emb @ qe))]
+        extra = [d for d in ranked if d not in positives[q]][:2]
+        positives[q] |= set(extra)
+        lines += [f"{q}\t{d}\t1" for d in extra]
+    (folder / "qrels" / "train.tsv").write_text("\n".join(lines) + "\n")
+    return folder, positives, chosen
+
+
+def test_no_labelled_positive_of_a_query_is_ever_its_negative(several_positives, minilm, minilm_path, pydocs_minilm,
+                                                              tmp_path):  # fmt: skip
+    folder, positives, chosen = several_positives
+    data = load_beir(folder)
+    run_dir = with_cache(pydocs_minilm, tmp_path / "run")  # the same corpus: its embeddings are reused
+    config = mine_config(run_dir, candidates="both", relative_margin=None, near_duplicate=None)
+    rows, stats = mine(minilm, minilm_path, data, config)
+    pairs = {(q, d) for q, docs in positives.items() for d in docs}
+    assert {(r["query_id"], r["positive_id"]) for r in rows} == pairs and len(rows) == stats["pairs"]
+    assert all(len([r for r in rows if r["query_id"] == q]) == 3 for q in chosen)
+    assert all(r["negative_ids"] and not set(r["negative_ids"]) & positives[r["query_id"]] for r in rows)
+    assert stats["labelled_positives_excluded"] >= 3 * 30 * 2  # each row of those queries met both extras
     kept = sum(len(r["negative_ids"]) for r in rows)
     assert kept == stats["kept"] <= stats["passed_filters"]
     assert stats["candidates_seen"] == stats["passed_filters"] + sum(stats["removed"].values())
-    folder = save(rows, stats, tmp_path / "run")
-    lines = (folder / "train.jsonl").read_text().splitlines()
-    assert len(lines) == 276 and set(json.loads(lines[0])) == {
-        "query_id",
-        "query",
-        "positive_id",
-        "positive",
-        "negative_ids",
-        "negatives",
-        "positive_score",
-        "negative_scores",
-    }
-    assert json.loads((folder / "stats.json").read_text())["kept"] == kept
+    folder = save(rows, stats, run_dir)
+    saved = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert saved == rows and json.loads((folder / "stats.json").read_text())["kept"] == kept
+
+
+def test_relative_margin_keeps_only_clearly_lower_negatives(planted, minilm, minilm_path, tmp_path):
+    """With the duplicate filter off, the copies of q1's positive score above 95 % of it and the margin drops them."""
+    config = mine_config(tmp_path / "run", num_negatives=8, near_duplicate=None)
+    rows, stats = mine(minilm, minilm_path, planted, config)
+    assert all(s < 0.95 * r["positive_score"] for r in rows for s in r["negative_scores"])
+    q1 = next(r for r in rows if r["query_id"] == "q1")
+    assert {"copy", "near"}.isdisjoint(q1["negative_ids"]) and stats["removed"]["relative_margin"] >= 2
 
 
 def test_rank_window_is_respected(planted, minilm, minilm_path, tmp_path):
-    config = MineConfig(range_min=2, range_max=5, num_negatives=10, relative_margin=None, near_duplicate=None)
-    rows, _ = mine(minilm, minilm_path, planted, tmp_path / "run", config)
+    config = mine_config(tmp_path / "run", range_min=2, range_max=5, num_negatives=10, relative_margin=None,
+                         near_duplicate=None)  # fmt: skip
+    rows, _ = mine(minilm, minilm_path, planted, config)
     docs = planted.doc_texts()
     doc_ids = list(docs)
     doc_emb = encode(minilm, list(docs.values()))
     for row in rows:
         q = encode(minilm, [row["query"]], "query")[0]
-        ranked = [doc_ids[i] for i in np.argsort(-(doc_emb @ q))]
         positives = {"q1": {"pos", "also"}, "q2": {"easy3"}, "q3": {"easy2"}}[row["query_id"]]
-        expected = [d for d in ranked if d not in positives][2:5]
-        assert row["negative_ids"] == expected
+        scores = sorted((float(doc_emb[i] @ q) for i, d in enumerate(doc_ids) if d not in positives), reverse=True)
+        # ranks 3-5 among the non-positives, compared by score: "pos" and "copy" embed alike and tie
+        assert row["negative_scores"] == pytest.approx(scores[2:5], abs=1e-5)
 
 
 def test_same_seed_same_output(planted, minilm, minilm_path, tmp_path):
     def run(seed):
-        config = MineConfig(sampling="random", num_negatives=2, seed=seed, relative_margin=None)
-        return mine(minilm, minilm_path, planted, tmp_path / "run", config)[0]
+        config = mine_config(tmp_path / "run", sampling="random", num_negatives=2, seed=seed, relative_margin=None)
+        return mine(minilm, minilm_path, planted, config)[0]
 
     first = run(7)
     assert run(7) == first
@@ -106,8 +145,9 @@ def test_same_seed_same_output(planted, minilm, minilm_path, tmp_path):
 
 
 def test_bm25_candidates_find_lexical_matches(planted, minilm, minilm_path, tmp_path):
-    config = MineConfig(candidates="bm25", num_negatives=3, relative_margin=None, near_duplicate=None)
-    rows, _ = mine(minilm, minilm_path, planted, tmp_path / "run", config)
+    config = mine_config(tmp_path / "run", candidates="bm25", num_negatives=3, relative_margin=None,
+                         near_duplicate=None)  # fmt: skip
+    rows, _ = mine(minilm, minilm_path, planted, config)
     q2 = next(r for r in rows if r["query_id"] == "q2")
     assert q2["negative_ids"] and "easy3" not in q2["negative_ids"]
 
@@ -116,23 +156,23 @@ def test_reranker_vetoes_what_it_scores_above_the_threshold(planted, minilm, min
     from sentence_transformers import CrossEncoder
 
     reranker = CrossEncoder(minilm_path, num_labels=1)  # a real cross-encoder, untrained head
-    base = MineConfig(num_negatives=10, relative_margin=None, near_duplicate=None)
-    rows, _ = mine(minilm, minilm_path, planted, tmp_path / "run", base)
+    base = mine_config(tmp_path / "run", num_negatives=10, relative_margin=None, near_duplicate=None)
+    rows, _ = mine(minilm, minilm_path, planted, base)
     scores = reranker.predict([(r["query"], n) for r in rows for n in r["negatives"]])
     threshold = float(np.median(scores))
-    vetoed = MineConfig(**{**base.__dict__, "reranker_threshold": threshold})
-    rows2, stats = mine(minilm, minilm_path, planted, tmp_path / "run", vetoed, reranker=reranker)
+    vetoed = dataclasses.replace(base, reranker_threshold=threshold)
+    rows2, stats = mine(minilm, minilm_path, planted, vetoed, reranker=reranker)
     assert stats["removed"]["reranker"] == int((scores > threshold).sum()) > 0
     assert sum(len(r["negatives"]) for r in rows2) == int((scores <= threshold).sum())
 
 
 def test_corpus_is_embedded_once_and_cached(planted, minilm, minilm_path, tmp_path):
-    first = corpus_embeddings(minilm, minilm_path, planted, tmp_path)
+    first = corpus_embeddings(minilm, minilm_path, planted, tmp_path, "{title} {text}")
     [cached] = list((tmp_path / "cache").glob("corpus-*.npy"))
     mtime = cached.stat().st_mtime_ns
-    np.testing.assert_array_equal(corpus_embeddings(minilm, minilm_path, planted, tmp_path), first)
+    np.testing.assert_array_equal(corpus_embeddings(minilm, minilm_path, planted, tmp_path, "{title} {text}"), first)
     assert cached.stat().st_mtime_ns == mtime
-    corpus_embeddings(minilm, minilm_path, planted, tmp_path, template="{text}")  # another key
+    corpus_embeddings(minilm, minilm_path, planted, tmp_path, "{text}")  # another key
     assert len(list((tmp_path / "cache").glob("corpus-*.npy"))) == 2
 
 
@@ -140,8 +180,9 @@ def test_ict_pairs_get_no_mined_negatives_and_labelled_pairs_still_do(planted, m
     from embtune.synthetic import SynthConfig, generate
 
     run_dir = tmp_path / "run"
-    generate(minilm, minilm_path, planted, run_dir, SynthConfig(generator="crop", round_trip_k=None, min_chars=1))
-    rows, stats = mine(minilm, minilm_path, planted, run_dir, MineConfig(num_negatives=2, relative_margin=None))
+    generate(minilm, minilm_path, planted, SynthConfig(data_dir="unused", run_dir=str(run_dir), base_model="unused",
+                                                       generator_model="crop", round_trip_k=None, min_chars=1))
+    rows, stats = mine(minilm, minilm_path, planted, mine_config(run_dir, num_negatives=2, relative_margin=None))
     unsupervised = [r for r in rows if r["query_id"].startswith("synthetic:")]
     assert unsupervised and stats["unsupervised_pairs"] == len(unsupervised)
     assert all(r["negative_ids"] == [] for r in unsupervised)

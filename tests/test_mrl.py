@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
-from conftest import SAMPLES
-from embtune.data import load_beir
 from embtune.encode import encode, truncate
-from embtune.evaluate import dense_search, score
+from embtune.evaluate import score
 from embtune.mrl import dims_for, human_bytes, quality_by_dim, quality_by_precision, recommended_dim, storage_table
+from embtune.search import dense_search
 
 
 def test_dims_are_capped_at_the_model_size():
@@ -43,11 +42,10 @@ def test_recommended_dim_is_the_smallest_within_tolerance():
     assert recommended_dim(curve, 0.0) == 384
 
 
-def test_quality_by_dimension_and_precision_on_real_embeddings(minilm):
-    data = load_beir(SAMPLES / "pydocs")
+def test_quality_by_dimension_and_precision_on_real_embeddings(minilm, pydocs_minilm):
+    data, _, doc_emb = pydocs_minilm
     qrels = data.relevant("test")
     query_ids, docs = list(qrels), data.doc_texts()
-    doc_emb = encode(minilm, list(docs.values()), progress=False)
     query_emb = encode(minilm, [data.queries[q] for q in query_ids], "query", progress=False)
     curve = quality_by_dim(query_emb, doc_emb, query_ids, list(docs), qrels, dims_for(384))
     assert list(curve) == ["384", "256", "128", "64", "32"] and set(curve["32"]) == {"ndcg@10", "recall@100"}

@@ -1,5 +1,6 @@
 """Reranker scoring: Qwen3-Reranker's official template and P(yes), against the model card's own code."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,8 +9,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_beir
-from embtune.encode import WEB_SEARCH_TASK
-from embtune.rerank import CHAT_TEMPLATE, PREFIX, SUFFIX, format_pair, load_reranker, rerank
+from embtune.rerank import CHAT_TEMPLATE, load_reranker, rerank
+
+# Qwen3-Reranker's model card (Qwen/Qwen3-Reranker-0.6B, "Transformers Usage"), copied as written there.
+PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def format_instruction(instruction, query, doc):
+    if instruction is None:
+        instruction = DEFAULT_INSTRUCTION
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
 PAIRS = [
     ("what is x", "x is y"),
@@ -18,14 +32,14 @@ PAIRS = [
 ]
 
 
-def official_scores(path, pairs, instruction=WEB_SEARCH_TASK, max_length=8192):
-    """Qwen3-Reranker's model-card snippet, written out independently of embtune.rerank's template."""
+def official_scores(path, pairs, instruction=None, max_length=8192):
+    """Qwen3-Reranker's model-card snippet, written out independently of embtune.rerank."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
     suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
-    texts = [f"<Instruct>: {instruction}\n<Query>: {q}\n<Document>: {d}" for q, d in pairs]
+    texts = [format_instruction(instruction, q, d) for q, d in pairs]
     inputs = tokenizer(texts, padding=False, truncation="longest_first", return_attention_mask=False,
                        max_length=max_length - len(prefix) - len(suffix))  # fmt: skip
     inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
@@ -39,7 +53,8 @@ def test_template_and_yes_no_tokens(tiny_models):
     model = load_reranker(str(tiny_models[1]), device="cpu")
     tokenizer = model[0].processor
     messages = [{"role": "query", "content": "Q?"}, {"role": "document", "content": "D."}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == PREFIX + format_pair("Q?", "D.") + SUFFIX
+    expected = PREFIX + format_instruction(None, "Q?", "D.") + SUFFIX
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == expected
     custom = [{"role": "system", "content": "Find code"}, *messages]
     assert "<Instruct>: Find code\n<Query>: Q?" in tokenizer.apply_chat_template(custom, tokenize=False)
     score = model[-1]
@@ -53,6 +68,13 @@ def test_scores_equal_the_official_snippet(tiny_models):
     np.testing.assert_allclose(model.predict(PAIRS, batch_size=2), official_scores(path, PAIRS), atol=1e-5)
     custom = model.predict(PAIRS, prompt="Find the answer")
     np.testing.assert_allclose(custom, official_scores(path, PAIRS, "Find the answer"), atol=1e-5)
+    # the instruction argument of rerank(): None the model's own, "" an empty instruct line, else the task
+    run = {"q": {f"d{i}": 1.0 for i in range(len(PAIRS))}}
+    docs = {f"d{i}": d for i, (_, d) in enumerate(PAIRS)}
+    for instruction in (None, "", "Find the answer"):
+        reranked = rerank(model, {"q": PAIRS[0][0]}, run, docs, instruction=instruction)["q"]
+        expected = official_scores(path, [(PAIRS[0][0], d) for d in docs.values()], instruction)
+        np.testing.assert_allclose([reranked[d] for d in docs], expected, atol=1e-5)
 
 
 def test_a_causal_lm_without_a_pad_token_scores_batches(tiny_models, tmp_path):
@@ -79,6 +101,13 @@ def test_rerank_rescores_the_top_of_a_run(tiny_models):
     assert out["q"]["d2"] < min(out["q"]["d0"], out["q"]["d1"])  # below the cut: kept, under the reranked ones
     expected = official_scores(str(tiny_models[1]), [(queries["q"], docs["d0"]), (queries["q"], docs["d1"])])
     np.testing.assert_allclose([out["q"]["d0"], out["q"]["d1"]], expected, atol=1e-5)
+
+
+def rerank_config(model, data, run, **overrides):
+    from embtune.rerank_train import RerankConfig
+
+    return RerankConfig(reranker_model=str(model), base_model=str(model), data_dir=str(data), run_dir=str(run),
+                        batch_size=8, **overrides)  # fmt: skip
 
 
 @pytest.fixture
@@ -114,11 +143,11 @@ def _rank_of_positive(model, queries, docs):
 
 
 def test_planted_relevant_documents_move_up_after_training(tiny_models, planted_run):
-    from embtune.rerank_train import RerankConfig, train_reranker
+    from embtune.rerank_train import train_reranker
 
     data, run, queries, docs = planted_run
     before = _rank_of_positive(load_reranker(str(tiny_models[1]), device="cpu"), queries, docs)
-    config = RerankConfig(str(tiny_models[1]), str(data), str(run), max_steps=150, learning_rate=3e-3, batch_size=8)
+    config = rerank_config(tiny_models[1], data, run, max_steps=150, learning_rate=3e-3)
     log = train_reranker(config)
     assert log["n_rows"] == 6 * 4 and log["n_positive"] == 6 and "full fine-tuning" in log["backend"]
     assert log["pos_weight"] == 3.0  # three negatives per positive: both classes weigh alike in the loss
@@ -134,11 +163,10 @@ def test_planted_relevant_documents_move_up_after_training(tiny_models, planted_
 def test_lora_merge_equals_the_adapter_and_changes_the_model(tiny_models, planted_run):
     from sentence_transformers import CrossEncoder
 
-    from embtune.rerank_train import RerankConfig, train_reranker
+    from embtune.rerank_train import train_reranker
 
     data, run, queries, docs = planted_run
-    config = RerankConfig(str(tiny_models[1]), str(data), str(run), full_finetune=False, max_steps=10,
-                          learning_rate=1e-2, batch_size=8)  # fmt: skip
+    config = rerank_config(tiny_models[1], data, run, full_finetune=False, max_steps=10, learning_rate=1e-2)
     train_reranker(config)
     pairs = [(q, d) for q in queries.values() for d in list(docs.values())[:2]]
     adapter = load_reranker(str(run / "reranker" / "adapter"), device="cpu")
@@ -157,15 +185,17 @@ def test_unsloth_backend_trains_4bit_lora_and_merges(tiny_models, planted_run):
     from sentence_transformers import CrossEncoder
 
     data, run, queries, docs = planted_run
+    config = rerank_config(tiny_models[1], data, run, backend="unsloth", quant="4bit", full_finetune=False,
+                           max_steps=10, learning_rate=1e-2)  # fmt: skip
     script = (
-        "from embtune.rerank_train import RerankConfig, train_reranker\n"
-        f"log = train_reranker(RerankConfig({str(tiny_models[1])!r}, {str(data)!r}, {str(run)!r}, backend='unsloth', "
-        "quant='4bit', full_finetune=False, max_steps=10, learning_rate=1e-2, batch_size=8))\n"
+        "import sys; from embtune.rerank_train import RerankConfig, train_reranker\n"
+        "log = train_reranker(RerankConfig(**eval(sys.argv[1])))\n"
         "print('BACKEND', log['backend'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script, repr(dataclasses.asdict(config))], capture_output=True,
+                         text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "unsloth FastLanguageModel | 4bit | LoRA" in out.stdout
+    assert "BACKEND causal LM, P(yes) | unsloth | 4bit | LoRA r=16" in out.stdout
     pairs = [(q, d) for q in queries.values() for d in list(docs.values())[:2]]
     adapter = load_reranker(str(run / "reranker" / "adapter"), device="cpu")
     merged = CrossEncoder(str(run / "reranker" / "model"), device="cpu")
@@ -175,8 +205,8 @@ def test_unsloth_backend_trains_4bit_lora_and_merges(tiny_models, planted_run):
 
 
 def test_unsloth_backend_refuses_a_cross_encoder(minilm_path, planted_run):
-    from embtune.rerank_train import RerankConfig, load_for_training
+    from embtune.rerank_train import load_for_training
 
     data, run, _, _ = planted_run
     with pytest.raises(ValueError, match="backend='peft'"):
-        load_for_training(RerankConfig(minilm_path, str(data), str(run), backend="unsloth"))
+        load_for_training(rerank_config(minilm_path, data, run, backend="unsloth"))

@@ -96,8 +96,12 @@ def corpus(tmp_path):
     return write_beir(tmp_path / "data", docs, queries, {"test": "query-id\tcorpus-id\tscore\nt1\teiffel\t1\n"})
 
 
-def endpoint_config(url, **kw):
-    return SynthConfig(generator="openai:fake", base_url=url, batch_size=2, max_retries=3, **kw)
+def synth_config(run_dir, generator, **kw):
+    return SynthConfig(data_dir="unused", run_dir=str(run_dir), base_model="unused", generator_model=generator, **kw)
+
+
+def endpoint_config(run_dir, url, **kw):
+    return synth_config(run_dir, "openai:fake", base_url=url, batch_size=2, max_retries=3, **kw)
 
 
 def test_parse_queries_from_json_fences_lists_and_plain_text():
@@ -135,8 +139,8 @@ def test_endpoint_gives_up_with_a_clear_error(llm_server):
 def test_filters_on_planted_cases_and_beir_output(llm_server, corpus, minilm, minilm_path, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     data = load_beir(corpus, limits="off")
-    config = endpoint_config(llm_server, min_cosine=0.3, round_trip_k=2)
-    stats = generate(minilm, minilm_path, data, tmp_path / "run", config)
+    config = endpoint_config(tmp_path / "run", llm_server, min_cosine=0.3, round_trip_k=2)
+    stats = generate(minilm, minilm_path, data, config)
     journal = {r["doc_id"]: r for r in read_journal(tmp_path / "run" / "synthetic" / "generations.jsonl")}
     verdict = {d: [q["dropped_by"] for q in r["queries"]] for d, r in journal.items()}
     assert verdict == {
@@ -162,7 +166,7 @@ def test_round_trip_and_judge_filters(llm_server, corpus, minilm, minilm_path, t
     data = load_beir(corpus, limits="off")
 
     def verdicts(run, **filters):
-        generate(minilm, minilm_path, data, tmp_path / run, endpoint_config(llm_server, **filters))
+        generate(minilm, minilm_path, data, endpoint_config(tmp_path / run, llm_server, **filters))
         return {r["doc_id"]: r["queries"][0]["dropped_by"] for r in read_journal(tmp_path / run / "synthetic" /
                 "generations.jsonl") if r["queries"]}  # fmt: skip
 
@@ -194,8 +198,8 @@ def test_killed_run_resumes_to_the_same_files(llm_server, corpus, minilm_path, t
         "import sys; from embtune.data import load_beir; from embtune.models import load_embedder;"
         "from embtune.synthetic import SynthConfig, generate;"
         f"data = load_beir({str(corpus)!r}, limits='off');"
-        f"generate(load_embedder({minilm_path!r}), {minilm_path!r}, data, sys.argv[1],"
-        f"SynthConfig(generator='openai:fake', base_url={llm_server!r}, batch_size=1, concurrency=1))"
+        f"generate(load_embedder({minilm_path!r}), {minilm_path!r}, data, SynthConfig(data_dir='-', base_model='-',"
+        f"run_dir=sys.argv[1], generator_model='openai:fake', base_url={llm_server!r}, batch_size=1, concurrency=1))"
     )
     run = [sys.executable, "-c", script]
     subprocess.run([*run, str(tmp_path / "whole")], check=True, capture_output=True)
@@ -235,7 +239,7 @@ def test_ict_and_crop_are_seeded_and_take_the_query_out():
 
 def test_ict_without_an_llm_writes_training_views(corpus, minilm, minilm_path, tmp_path):
     data = load_beir(corpus, limits="off")
-    stats = generate(minilm, minilm_path, data, tmp_path, SynthConfig(generator="ict", min_cosine=None))
+    stats = generate(minilm, minilm_path, data, synth_config(tmp_path, "ict", min_cosine=None))
     assert stats["generator"] == "inverse cloze task (no LLM)"
     assert stats["kept"] == len(DOCS) - 1 and stats["documents_without_queries"] == 1  # "tower" is one sentence
     labels = training_labels(data, tmp_path)
@@ -251,24 +255,24 @@ def test_local_causal_lm_generates_in_process(tiny_models, corpus, tiny_embeddin
     lm = LocalLM(str(tiny_models[1]), max_new_tokens=8)
     replies = lm.generate(["Document: a short one", "Document: a much longer document than the first one"])
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
-    config = SynthConfig(generator=str(tiny_models[1]), min_chars=1, min_cosine=None, round_trip_k=None)
+    config = synth_config(tmp_path, str(tiny_models[1]), min_chars=1, min_cosine=None, round_trip_k=None)
     model = load_embedder(str(tiny_embedding))
-    stats = generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), tmp_path, config, generator=lm)
+    stats = generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), config, generator=lm)
     rows = read_journal(tmp_path / "synthetic" / "generations.jsonl")
     assert stats["documents"] == len(rows) == len(DOCS) and all(r["reply"] for r in rows)
 
 
 def test_token_and_document_budgets(llm_server, corpus, minilm, minilm_path, tmp_path):
     data = load_beir(corpus, limits="off")
-    stats = generate(minilm, minilm_path, data, tmp_path / "t", endpoint_config(llm_server, max_total_tokens=25))
+    stats = generate(minilm, minilm_path, data, endpoint_config(tmp_path / "t", llm_server, max_total_tokens=25))
     assert stats["documents"] == 4 and stats["tokens_used"] == 40  # stopped once 25 were spent, batch by batch
-    stats = generate(minilm, minilm_path, data, tmp_path / "d", endpoint_config(llm_server, max_documents=3))
+    stats = generate(minilm, minilm_path, data, endpoint_config(tmp_path / "d", llm_server, max_documents=3))
     assert stats["documents"] == 3
 
 
 def test_cosine_floor_is_the_guides_for_llm_queries_and_off_for_spans_of_the_document():
-    assert cosine_floor(SynthConfig(generator="openai:qwen")) == 0.7
-    assert cosine_floor(SynthConfig(generator="ict")) is None and cosine_floor(SynthConfig(generator="crop")) is None
-    assert cosine_floor(SynthConfig(generator="ict", min_cosine=0.5)) == 0.5
+    assert cosine_floor(synth_config("r", "openai:qwen")) == 0.7
+    assert cosine_floor(synth_config("r", "ict")) is None and cosine_floor(synth_config("r", "crop")) is None
+    assert cosine_floor(synth_config("r", "ict", min_cosine=0.5)) == 0.5
     with pytest.raises(ValueError, match='"auto"'):
-        cosine_floor(SynthConfig(generator="ict", min_cosine="high"))
+        cosine_floor(synth_config("r", "ict", min_cosine="high"))

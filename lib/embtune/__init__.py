@@ -1,7 +1,30 @@
 """embtune: the library under the notebook suite for fine-tuning Qwen3-Embedding / Qwen3-Reranker
 (or any sentence-transformers model) for retrieval on one GPU."""
 
+import os
+
 __version__ = "0.1.0"
+
+
+def _import_unsloth_first() -> None:
+    """unsloth patches transformers and peft and asks to be imported before them (else it may run slower or use
+    more memory). On a CUDA machine that has it, importing embtune does that; EMBTUNE_UNSLOTH=0 opts out (to time
+    plain sentence-transformers + peft). A CPU machine never imports it here."""
+    import importlib.util
+    import sys
+
+    if os.environ.get("EMBTUNE_UNSLOTH") == "0" or "unsloth" in sys.modules or not importlib.util.find_spec("unsloth"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import unsloth  # noqa: F401
+        except Exception:  # unsloth raises more than ImportError when it cannot patch; the plan says why
+            pass
+
+
+_import_unsloth_first()
 
 
 def environment() -> str:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .rundir import RunDir
 
 QRELS_HEADER = ["query-id", "corpus-id", "score"]
 DEFAULT_DOC_TEMPLATE = "{title} {text}"
@@ -25,6 +29,16 @@ VERTEX_LIMITS = {
     "query ids in all splits": (9, None),
     "labels in all splits": (None, 499_999),
 }
+
+
+def format_doc(doc: dict[str, str], template: str = DEFAULT_DOC_TEMPLATE) -> str:
+    """A document's title and text as one string; `template` joins `{title}` and `{text}` (no title: text only)."""
+    return template.format(**doc).strip() if doc["title"] else doc["text"]
+
+
+def normalize_text(text: str) -> str:
+    """The form in which two texts count as the same: case, punctuation and spacing ignored."""
+    return re.sub(r"\W+", " ", text).strip().casefold()
 
 
 class DataError(ValueError):
@@ -44,10 +58,7 @@ class BeirData:
 
     def doc_texts(self, template: str = DEFAULT_DOC_TEMPLATE) -> dict[str, str]:
         """Each document as one string; `template` joins `{title}` and `{text}` (title-less docs get text only)."""
-        return {
-            doc_id: template.format(**doc).strip() if doc["title"] else doc["text"]
-            for doc_id, doc in self.corpus.items()
-        }
+        return {doc_id: format_doc(doc, template) for doc_id, doc in self.corpus.items()}
 
     def relevant(self, split: str) -> dict[str, dict[str, int]]:
         """Labels of one split with score > 0 only."""
@@ -228,7 +239,7 @@ class TrainingLabels:
 
     def positive_text(self, query_id: str, doc_id: str, docs: dict[str, str], template: str) -> str:
         view = self.views.get(query_id)
-        return (template.format(**view).strip() if view["title"] else view["text"]) if view else docs[doc_id]
+        return format_doc(view, template) if view else docs[doc_id]
 
 
 def training_labels(data: BeirData, run_dir: str | Path) -> TrainingLabels:
@@ -236,7 +247,7 @@ def training_labels(data: BeirData, run_dir: str | Path) -> TrainingLabels:
     corpus, synthetic ids prefixed `synthetic:` so they never collide with labelled ones."""
     labelled = data.relevant("train") if "train" in data.qrels else {}
     queries, qrels, views = dict(data.queries), dict(labelled), {}
-    folder = Path(run_dir) / "synthetic"
+    folder = RunDir(run_dir).synthetic
     if (folder / "qrels" / "train.tsv").exists():
         rows = read_jsonl(folder / "queries.jsonl", optional=("view_title", "view_text"))
         synthetic = read_qrels(folder / "qrels" / "train.tsv", data.corpus, rows)
@@ -278,3 +289,22 @@ def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
             )
         warnings.warn(f"{data.path}: outside Vertex AI limits: {message}", stacklevel=2)
     return problems
+
+
+def split_train_dev(data: BeirData, labels: TrainingLabels, seed: int = 42, dev_fraction: float = 0.1):
+    """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the labelled training queries
+    (of the synthetic ones too when fewer than 20 are labelled). Notebooks 03 and 06 hold out the same queries."""
+    if not labels.qrels:
+        raise DataError(
+            data.path / "qrels" / "train.tsv",
+            None,
+            "no training labels and no synthetic queries",
+            "add training labels or run notebook 01 first (GENERATOR=ict needs no LLM)",
+        )
+    if "dev" in data.qrels:
+        return labels.qrels, data.relevant("dev")
+    pool = sorted(labels.labelled) if len(labels.labelled) >= 20 else sorted(labels.qrels)
+    random.Random(seed).shuffle(pool)
+    n_dev = min(200, int(len(pool) * dev_fraction)) if len(pool) >= 20 else 0
+    dev_ids = set(pool[:n_dev])
+    return {q: d for q, d in labels.qrels.items() if q not in dev_ids}, {q: labels.qrels[q] for q in dev_ids}

@@ -8,6 +8,9 @@ Batching, length sorting and the progress bar are sentence-transformers' own `en
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
@@ -91,3 +94,22 @@ def encode(
         list(texts), prompt=prompt, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True
     )
     return truncate(embeddings, dim)
+
+
+def corpus_embeddings(model: SentenceTransformer, model_path: str, data, run_dir: str | Path, template: str,
+                      batch_size: int = 32) -> np.ndarray:  # fmt: skip
+    """The corpus embedded once per model, data and template, cached as `run_dir/cache/corpus-<key>.npy` for every
+    later step (mining, evaluation, Matryoshka, synthetic-query filters)."""
+    from .files import atomic_path
+    from .rundir import RunDir, corpus_fingerprint, model_fingerprint
+
+    parts = (model_fingerprint(model_path), corpus_fingerprint(data.corpus), template)
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    path = RunDir(run_dir).cache / f"corpus-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    embeddings = encode(model, list(data.doc_texts(template).values()), "document", batch_size=batch_size)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, embeddings)
+    return embeddings

@@ -39,10 +39,10 @@ class GeneratorError(RuntimeError):
     """The generator cannot go on (endpoint refused or unreachable after retries, bad settings)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PromptConfig:
     queries_per_doc: int = 1
-    personas: list[str] = field(default_factory=lambda: list(PERSONAS))
+    personas: list[str] | None = None  # None: PERSONAS, a few generic readers; or your users
     query_types: list[str] = field(default_factory=lambda: list(QUERY_TYPES))
     difficulties: list[str] = field(default_factory=lambda: list(DIFFICULTIES))
     language: str = SAME_LANGUAGE
@@ -56,7 +56,7 @@ def build_prompt(document: str, config: PromptConfig, rng: random.Random) -> str
     kind, words = QUERY_TYPES[rng.choice(config.query_types)]
     n = config.queries_per_doc
     return (
-        f"You are {rng.choice(config.personas)}. Read the document below and write {n} search "
+        f"You are {rng.choice(config.personas or PERSONAS)}. Read the document below and write {n} search "
         f"quer{'y' if n == 1 else 'ies'} that this document answers.\n"
         f"- Query type: {kind}.\n"
         f"- Difficulty: {rng.choice(config.difficulties)} level.\n"

@@ -30,7 +30,6 @@ def text_keys(features: dict[str, Tensor]) -> Tensor:
 def qwen3_infonce(
     queries: Tensor,
     docs: list[Tensor],
-    query_keys: Tensor,
     doc_keys: list[Tensor],
     temperature: float = 0.05,
     margin: float = 0.1,
@@ -38,10 +37,11 @@ def qwen3_infonce(
 ) -> Tensor:
     """Improved InfoNCE of Qwen3-Embedding over one batch.
 
-    queries (B, d); docs[0] the positives (B, d), docs[1:] hard-negative columns (B, d) each; *_keys mark
-    identical texts. The denominator of query i holds its positive, every document (q-d), every other
-    query (q-q) and, for its positive, every other document (d-d); a term is masked when its similarity
-    exceeds s(q_i, d_i+) + margin, or when the document is the positive itself (a likely false negative).
+    queries (B, d); docs[0] the positives (B, d), docs[1:] hard-negative columns (B, d) each; doc_keys mark
+    identical texts (one key tensor per docs column). The denominator of query i holds its positive, every
+    document (q-d), every other query (q-q) and, for its positive, every other document (d-d); a term is masked
+    when its similarity exceeds s(q_i, d_i+) + margin, or when the document is the positive itself (a likely
+    false negative).
     """
     queries = F.normalize(queries, dim=-1)
     docs = [F.normalize(d, dim=-1) for d in docs]
@@ -94,9 +94,8 @@ class Qwen3InfoNCELoss(nn.Module):
         self.gather_across_devices = gather_across_devices
 
     def loss(self, reps: list[Tensor], keys: list[Tensor]) -> Tensor:
-        return qwen3_infonce(
-            reps[0], reps[1:], keys[0], keys[1:], self.temperature, self.margin, self.gather_across_devices
-        )
+        """reps and keys per input column: the anchors first, then the positives and negatives."""
+        return qwen3_infonce(reps[0], reps[1:], keys[1:], self.temperature, self.margin, self.gather_across_devices)
 
     def forward(self, sentence_features, labels=None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -104,7 +103,8 @@ class Qwen3InfoNCELoss(nn.Module):
         return self.loss(reps, [text_keys(f) for f in sentence_features])
 
     def get_config_dict(self):
-        return {"temperature": self.temperature, "margin": self.margin}
+        return {"temperature": self.temperature, "margin": self.margin,
+                "gather_across_devices": self.gather_across_devices}  # fmt: skip
 
 
 class CachedQwen3InfoNCELoss(CachedLossMixin, Qwen3InfoNCELoss):

@@ -1,4 +1,5 @@
-"""Merging weights: a LoRA adapter into its base model, and checkpoints with each other by slerp."""
+"""Merging weights: a LoRA adapter into its base model (embedder or reranker), and checkpoints with each other by
+slerp."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out: str | Path, dty
 
     The base is reloaded unquantised: merging into 4-bit weights would round the update away.
     """
-    from peft import PeftModel
     from sentence_transformers import SentenceTransformer
 
     from .encode import prepare
@@ -23,13 +23,31 @@ def merge_adapter(base_model: str, adapter_dir: str | Path, out: str | Path, dty
 
     adapter_model = SentenceTransformer(str(adapter_dir), device="cpu")
     model = SentenceTransformer(resolve(base_model), device="cpu", model_kwargs={"dtype": dtype})
-    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model, str(adapter_dir)).merge_and_unload()
+    model[0].auto_model = fold(model[0].auto_model, adapter_dir)
     model.prompts = dict(adapter_model.prompts)
     model.max_seq_length = adapter_model.max_seq_length
     prepare(model)  # saved with left padding and the end token, for plain SentenceTransformer(path) users
     with replace_dir(out) as tmp:
         model.save(str(tmp))
     return Path(out)
+
+
+def merge_reranker(base_model: str, adapter_dir: str | Path, out: str | Path, max_length: int = 512) -> Path:
+    """Fold a LoRA adapter into an unquantised copy of its base; a plain CrossEncoder folder with the template."""
+    from .rerank import load_reranker
+
+    model = load_reranker(base_model, device="cpu", max_length=max_length)
+    model[0].model = fold(model[0].model, adapter_dir)
+    with replace_dir(out) as tmp:
+        model.save(str(tmp))
+    return Path(out)
+
+
+def fold(module: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """The module with the adapter's LoRA update added into its weights (peft's merge_and_unload)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(module, str(adapter_dir)).merge_and_unload()
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
@@ -53,14 +71,16 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
 
 
 def slerp_models(model_a: str | Path, model_b: str | Path, t: float, out: str | Path | None = None):
-    """Interpolate two sentence-transformers models of one architecture tensor by tensor (t=0: a, t=1: b).
-    Returns the merged model; saves it when `out` is given."""
+    """Interpolate two sentence-transformers models of one architecture tensor by tensor (t=0: a, t=1: b), with
+    b's prompts (the fine-tuned model's, when b is one). Returns the merged model; saves it when `out` is given."""
     from sentence_transformers import SentenceTransformer
 
     a = SentenceTransformer(str(model_a), device="cpu")
-    b_state = SentenceTransformer(str(model_b), device="cpu").state_dict()
+    b = SentenceTransformer(str(model_b), device="cpu")
+    b_state = b.state_dict()
     merged = {k: slerp(v, b_state[k], t) for k, v in a.state_dict().items()}
     a.load_state_dict(merged)
+    a.prompts = dict(b.prompts)
     if out is not None:
         with replace_dir(out) as tmp:
             a.save(str(tmp))

@@ -1,31 +1,31 @@
-"""Hard-negative mining for BEIR data, with each false-negative filter a parameter and each one counted.
+"""Notebook 02: hard-negative mining for BEIR data, with each false-negative filter a parameter and each one counted.
 
 Written here rather than through sentence-transformers' `mine_hard_negatives`, which works on texts, not ids,
 has no BM25 candidates, excludes only the row's own positive (not every labelled positive of the query) and
 does not report what each filter removed. Its ideas are kept: a rank window, top or random sampling, a
 relative margin to the positive's score (NV-Retriever's TopK-PercPos), an absolute ceiling, cross-encoder
-rescoring. The corpus is embedded once per model and data and cached in the run directory.
+rescoring. The corpus embeddings come from the run's cache (`encode.corpus_embeddings`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from .config import StepConfig
+from .data import BeirData, TrainingLabels, normalize_text, training_labels
+from .encode import corpus_embeddings, encode
+from .files import atomic_path, write_json
+from .rundir import RunDir
+from .search import bm25_top_k, index_memory, top_k
 
-from .data import DEFAULT_DOC_TEMPLATE, BeirData, TrainingLabels, training_labels
-from .encode import encode
-from .files import atomic_path
-
-FAISS_MIN_DOCS = 100_000  # above this, a FAISS index instead of one dense matrix product per query batch
+FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
 
 
-@dataclass
-class MineConfig:
+@dataclass(kw_only=True)
+class MineConfig(StepConfig):
     candidates: str = "dense"  # dense | bm25 | both
     num_negatives: int = 5
     range_min: int = 0  # skip this many top candidates (after removing the query's positives)
@@ -33,93 +33,11 @@ class MineConfig:
     sampling: str = "top"  # top | random (within the window)
     relative_margin: float | None = 0.95  # keep a negative only if its score < margin x the positive's score
     max_score: float | None = None  # and below this absolute score
-    reranker: str | None = None  # a Qwen3-Reranker or sentence-transformers CrossEncoder to rescore with
+    veto_reranker: str | None = None  # a Qwen3-Reranker or CrossEncoder that vetoes likely positives
     reranker_threshold: float = 0.5  # drop a negative the reranker scores above this (P(relevant))
     near_duplicate: float | None = 0.98  # drop a negative this similar (cosine) to the positive, or equal text
     bm25_stopwords: str | None = "en"  # None for languages bm25s has no stop-word list for
-    seed: int = 42
     batch_size: int = 32
-
-
-def _normalized(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold()
-
-
-def cache_key(model_path: str, data: BeirData, template: str) -> str:
-    """Changes when the model, the documents or the way they are joined change."""
-    h = hashlib.sha256()
-    for part in (str(Path(model_path).resolve()) if Path(model_path).exists() else model_path, template):
-        h.update(part.encode())
-    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
-    for w in weights:
-        h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
-    for doc_id, doc in data.corpus.items():
-        h.update(f"{doc_id}\0{doc['title']}\0{doc['text']}\0".encode())
-    return h.hexdigest()[:16]
-
-
-def corpus_embeddings(
-    model,
-    model_path: str,
-    data: BeirData,
-    run_dir: str | Path,
-    template: str = DEFAULT_DOC_TEMPLATE,
-    batch_size: int = 32,
-) -> np.ndarray:
-    """The corpus embedded once, cached as `run_dir/cache/corpus-<key>.npy` for every later step."""
-    path = Path(run_dir) / "cache" / f"corpus-{cache_key(model_path, data, template)}.npy"
-    if path.exists():
-        return np.load(path)
-    texts = list(data.doc_texts(template).values())
-    embeddings = encode(model, texts, "document", batch_size=batch_size)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, embeddings)
-    return embeddings
-
-
-def memory_estimate(n_docs: int, dim: int, use_faiss: bool) -> str:
-    vectors = n_docs * dim * 4
-    index = vectors if use_faiss else 0
-    return f"{n_docs:,} x {dim} float32 vectors: {vectors / 2**20:,.0f} MiB" + (
-        f" + FAISS index {index / 2**20:,.0f} MiB" if use_faiss else ""
-    )
-
-
-def dense_candidates(query_emb: np.ndarray, doc_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, indices) of the top-k documents per query by cosine; FAISS above FAISS_MIN_DOCS."""
-    k = min(k, len(doc_emb))
-    if len(doc_emb) >= FAISS_MIN_DOCS:
-        import faiss
-
-        index = faiss.IndexFlatIP(doc_emb.shape[1])
-        index.add(doc_emb)
-        return index.search(query_emb, k)
-    scores, indices = [], []
-    for start in range(0, len(query_emb), 256):
-        sims = query_emb[start : start + 256] @ doc_emb.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
-        top = np.take_along_axis(top, order, axis=1)
-        indices.append(top)
-        scores.append(np.take_along_axis(sims, top, axis=1))
-    return np.vstack(scores), np.vstack(indices)
-
-
-def bm25_candidates(
-    queries: list[str], docs: list[str], k: int, stopwords: str | None = "en"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, indices) of the top-k documents per query by BM25 (bm25s), best first."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(docs, stopwords=stopwords, show_progress=False), show_progress=False)
-    tokens = bm25s.tokenize(queries, stopwords=stopwords, show_progress=False)
-    indices, scores = retriever.retrieve(tokens, k=min(k, len(docs)), show_progress=False)
-    return scores, indices
-
-
-FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
 
 
 def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[TrainingLabels, list[tuple[str, str]], dict]:
@@ -134,32 +52,27 @@ def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[TrainingLabels,
     return labels, pairs, positives
 
 
-def mine(
-    model,
-    model_path: str,
-    data: BeirData,
-    run_dir: str | Path,
-    config: MineConfig | None = None,
-    instruction: str | None = None,
-    template: str = DEFAULT_DOC_TEMPLATE,
-    reranker=None,
-):
+def mine(model, model_path: str, data: BeirData, config: MineConfig, reranker=None):
     """Hard negatives for every training pair (see `training_pairs`). Returns (rows, stats): one row per
-    (query, positive) in notebook 02's output format, and the counts of what each filter removed."""
+    (query, positive) in notebook 02's output format, and the counts of what each filter removed.
+    `reranker`: a loaded reranker for the veto; by default `config.veto_reranker` is loaded when set."""
     from tqdm.auto import tqdm
 
-    config = config or MineConfig()
-    labels, pairs, positives = training_pairs(data, run_dir)
+    labels, pairs, positives = training_pairs(data, config.run_dir)
     if config.candidates not in ("dense", "bm25", "both") or config.sampling not in ("top", "random"):
         raise ValueError(f"candidates must be dense|bm25|both and sampling top|random, got {config}")
-    docs = data.doc_texts(template)
+    if reranker is None and config.veto_reranker:
+        from .rerank import load_reranker
+
+        reranker = load_reranker(config.veto_reranker)
+    docs = data.doc_texts(config.doc_template)
     doc_ids, doc_texts = list(docs), list(docs.values())
     row_of = {d: i for i, d in enumerate(doc_ids)}
-    doc_emb = corpus_embeddings(model, model_path, data, run_dir, template, config.batch_size)
-    print(memory_estimate(len(doc_ids), doc_emb.shape[1], len(doc_ids) >= FAISS_MIN_DOCS), flush=True)
+    doc_emb = corpus_embeddings(model, model_path, data, config.run_dir, config.doc_template, config.batch_size)
+    print(index_memory(len(doc_ids), doc_emb.shape[1]), flush=True)
     query_ids = sorted({q for q, _ in pairs})
     query_text = {q: labels.queries[q] for q in query_ids}
-    query_emb = encode(model, [query_text[q] for q in query_ids], "query", instruction, batch_size=config.batch_size)
+    query_emb = encode(model, list(query_text.values()), "query", config.instruction, batch_size=config.batch_size)
     depth = config.range_max + max(len(p) for p in positives.values())  # the window survives their removal
     candidates = _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_emb, depth)
     q_row = {q: i for i, q in enumerate(query_ids)}
@@ -178,11 +91,11 @@ def mine(
     }
     survivors = []
     for qid, pos_id in tqdm(pairs, desc="Filtering negatives"):
-        qe, pe, pos_text = query_emb[q_row[qid]], doc_emb[row_of[pos_id]], _normalized(docs[pos_id])
+        qe, pe, pos_text = query_emb[q_row[qid]], doc_emb[row_of[pos_id]], normalize_text(docs[pos_id])
         if qid in labels.views:
             # ICT/crop pairs: the positive is a view of the document, not a relevance judgement, so the nearest
             # other documents are often just as relevant; like ICT and Contriever, they train on in-batch
-            # negatives only (SciFact without labels: mined negatives turned a gain over the base into a loss).
+            # negatives only.
             stats["unsupervised_pairs"] += 1
             survivors.append((qid, pos_id, float(qe @ pe), []))
             continue
@@ -195,7 +108,7 @@ def mine(
         for i in window:
             score = float(qe @ doc_emb[i])
             if config.near_duplicate is not None and (
-                _normalized(doc_texts[i]) == pos_text or float(pe @ doc_emb[i]) >= config.near_duplicate
+                normalize_text(doc_texts[i]) == pos_text or float(pe @ doc_emb[i]) >= config.near_duplicate
             ):
                 stats["removed"]["duplicate"] += 1
             elif config.relative_margin is not None and score >= config.relative_margin * pos_score:
@@ -222,7 +135,7 @@ def mine(
                 "query_id": qid,
                 "query": query_text[qid],
                 "positive_id": pos_id,
-                "positive": labels.positive_text(qid, pos_id, docs, template),
+                "positive": labels.positive_text(qid, pos_id, docs, config.doc_template),
                 "negative_ids": [doc_ids[i] for i, _ in chosen],
                 "negatives": [doc_texts[i] for i, _ in chosen],
                 "positive_score": round(pos_score, 6),
@@ -236,9 +149,9 @@ def _ranked_candidates(config, query_ids, query_text, query_emb, doc_texts, doc_
     """Candidate document rows per query: by the embedder, by BM25, or their union ranked by the embedder."""
     dense = lexical = None
     if config.candidates in ("dense", "both"):
-        dense = dense_candidates(query_emb, doc_emb, depth)[1]
+        dense = top_k(query_emb, doc_emb, depth)[1]
     if config.candidates in ("bm25", "both"):
-        _, lexical = bm25_candidates([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
+        _, lexical = bm25_top_k([query_text[q] for q in query_ids], doc_texts, depth, config.bm25_stopwords)
     if lexical is None:
         return {q: list(row) for q, row in zip(query_ids, dense, strict=True)}
     if dense is None:
@@ -265,12 +178,8 @@ def _rerank_filter(reranker, survivors, query_text, doc_texts, config: MineConfi
 
 def save(rows: list[dict], stats: dict, run_dir: str | Path) -> Path:
     """`run_dir/hard_negatives/train.jsonl` and `stats.json`, each written whole or not at all."""
-    import json
-
-    from .files import write_json
-
-    folder = Path(run_dir) / "hard_negatives"
-    with atomic_path(folder / "train.jsonl") as tmp:
+    path = RunDir(run_dir).hard_negatives
+    with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    write_json(folder / "stats.json", stats)
-    return folder
+    write_json(path.parent / "stats.json", stats)
+    return path.parent

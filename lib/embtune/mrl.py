@@ -9,15 +9,29 @@ library prints the bill.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from .config import StepConfig
 from .encode import truncate
-from .evaluate import dense_search, score
+from .evaluate import score
+from .search import dense_search
 
 DEFAULT_DIMS = [None, 1024, 768, 512, 384, 256, 128, 64, 32]  # None: the model's full size
 MRL_METRICS = ["ndcg@10", "recall@100"]
 BYTES_PER_VALUE = {"float32": 4.0, "float16": 2.0, "int8": 1.0, "binary": 1 / 8}
 HNSW_M = 32  # neighbours per node; FAISS keeps 2*M int32 ids per vector on the bottom layer
+
+
+@dataclass(kw_only=True)
+class MrlConfig(StepConfig):
+    split: str | None = None  # None: "test", else "dev"
+    dims: list[int | None] | None = None  # None: full, 1024, 768, 512, 384, 256, 128, 64, 32 (up to the model's size)
+    tolerance: float = 0.01  # recommend the smallest dimension within 1 % (relative) of the full one's NDCG@10
+    doc_counts: list[int] | None = None  # None: this corpus's size, 1,000,000 and 100,000,000
+    rescore_multiplier: int = 4  # int8/binary + rescore: fetch 4 x 100 candidates, re-rank with the float query
+    batch_size: int = 32
 
 
 def dims_for(full: int, dims: list[int | None] | None = None) -> list[int]:
@@ -111,16 +125,15 @@ def human_bytes(n: float) -> str:
         n /= 1000
 
 
-def plot_dims(systems: dict[str, dict[str, dict[str, float]]], recommended: int | None, path) -> None:
-    """NDCG@10 and Recall@100 against dimension, one line per system, the recommended dimension marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_dims(systems: dict[str, dict[str, dict[str, float]]], recommended: int | None, path=None):
+    """NDCG@10 and Recall@100 against dimension, one line per system, the recommended dimension marked; saved as
+    PNG when `path` is given. Returns the figure (a bare Figure: the notebook's plotting backend is left alone)."""
+    from matplotlib.figure import Figure
 
     from .files import atomic_path
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, MRL_METRICS, strict=True):
         for name, curve in systems.items():
             dims = sorted(curve, key=int)
@@ -132,6 +145,7 @@ def plot_dims(systems: dict[str, dict[str, dict[str, float]]], recommended: int 
         ax.set_title(metric)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    return fig

@@ -24,24 +24,20 @@ PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-def format_pair(query: str, document: str, instruction: str = WEB_SEARCH_TASK) -> str:
-    """The user turn of Qwen3-Reranker's prompt (its model card's `format_instruction`)."""
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-
-
 def _jinja_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-# PREFIX + format_pair(query, document, instruction) + SUFFIX. A system message, which sentence-transformers
-# makes of `predict(..., prompt=...)`, is the instruction; a lone text (sentence-transformers' model card
+# PREFIX + "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}" + SUFFIX (the model card's
+# `format_instruction`). A system message, which sentence-transformers makes of `predict(..., prompt=...)`, is the
+# instruction, trimmed (see `instruction_prompt`); a lone text (sentence-transformers' model card
 # statistics render single columns) is the query. Message content may be a string or text parts.
 CHAT_TEMPLATE = (
     "{%- macro text(m) -%}{%- if m.content is string -%}{{ m.content }}{%- else -%}{{ m.content[0].text }}"
     "{%- endif -%}{%- endmacro -%}"
     f"{{%- set ns = namespace(instruction={_jinja_string(WEB_SEARCH_TASK)}, query='', document='') -%}}"
     "{%- for m in messages -%}"
-    "{%- if m.role == 'system' -%}{%- set ns.instruction = text(m) -%}"
+    "{%- if m.role == 'system' -%}{%- set ns.instruction = text(m) | trim -%}"
     "{%- elif m.role == 'document' -%}{%- set ns.document = text(m) -%}"
     "{%- elif ns.query == '' -%}{%- set ns.query = text(m) -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -49,6 +45,15 @@ CHAT_TEMPLATE = (
     "{{ '\\n<Query>: ' }}{{ ns.query }}{{ '\\n<Document>: ' }}{{ ns.document }}"
     f"{{{{ {_jinja_string(SUFFIX)} }}}}"
 )
+
+
+def instruction_prompt(model, instruction: str | None) -> str | None:
+    """The `prompt` for `predict` and training: None keeps the model's own instruction (Qwen's web-search task);
+    "" leaves the instruct line empty, sent as a lone space because sentence-transformers drops an empty prompt
+    and the template trims it; a cross-encoder takes no instruction."""
+    if instruction is None or not is_causal(model):
+        return None
+    return instruction or " "
 
 
 def is_causal(model) -> bool:
@@ -97,8 +102,8 @@ def rerank(model, queries: dict[str, str], run: dict[str, dict[str, float]], doc
             pairs.append((queries[qid], docs[did]))
             keys.append((qid, did))
         rest[qid] = order[top_k:]
-    kwargs = {"prompt": instruction} if instruction and is_causal(model) else {}
-    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=True, **kwargs) if pairs else []
+    prompt = instruction_prompt(model, instruction)
+    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=True, prompt=prompt) if pairs else []
     out: dict[str, dict[str, float]] = {qid: {} for qid in run}
     for (qid, did), s in zip(keys, scores, strict=True):
         out[qid][did] = float(s)

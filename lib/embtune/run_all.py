@@ -16,17 +16,19 @@ import argparse
 import ast
 import os
 import sys
+import time
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-# command-line option -> notebook parameter
-PARAMETERS = {
-    "data": "data_dir",
-    "model": "base_model",
-    "run": "run_dir",
-    "generator": "generator_model",
-    "reranker": "reranker_model",
-}
+
+def _notebooks_folder() -> Path:
+    """The repository's notebooks/ in a clone (an editable install), else the copy a wheel installs beside the
+    package (pyproject.toml maps notebooks/ to `embtune.notebooks`)."""
+    here = Path(__file__).resolve().parent
+    clone = here.parents[1] / "notebooks"
+    return clone if (here.parent.name == "lib" and clone.is_dir()) else here / "notebooks"
+
+
+NOTEBOOKS = _notebooks_folder()
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -72,6 +74,15 @@ def preflight(args: argparse.Namespace) -> dict[str, str]:
         local = args.generator not in UNSUPERVISED and not args.generator.startswith("openai:")
         params["generator_model"] = resolve(args.generator, "GENERATOR") if local else args.generator
     return {**params, **dict(args.param)}
+
+
+def skip_reason(path: Path, params: dict) -> str | None:
+    """Why a notebook has nothing to do with these parameters (its metadata `embtune.skip_unless` names the
+    parameter it needs, e.g. notebook 01 `generator_model`), or None to run it."""
+    import nbformat
+
+    gate = nbformat.read(path, as_version=4).metadata.get("embtune", {}).get("skip_unless")
+    return f"no {gate}" if gate and not params.get(gate) else None
 
 
 def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
@@ -140,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(params["run_dir"]) / "notebooks"
     for path in paths:
+        reason = skip_reason(path, params)
+        if reason:
+            (out_dir / path.name).unlink(missing_ok=True)  # an earlier run's copy would claim it ran
+            print(f"== {path.name}: skipped ({reason})", flush=True)
+            continue
         print(f"== {path.name}", flush=True)
+        start = time.perf_counter()
         try:
             run_notebook(path, out_dir, params)
         except PapermillExecutionError as e:
@@ -149,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+        print(f"   {path.name}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"done: {params['run_dir']}")
     return 0
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import DEFAULT_DOC_TEMPLATE, BeirData
-from .encode import encode
+from .config import StepConfig
+from .data import BeirData, normalize_text
+from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
 from .generators import (
     UNSUPERVISED,
@@ -32,18 +32,19 @@ from .generators import (
     parse_queries,
     parse_score,
 )
+from .rundir import RunDir
 
 FILTERS = ("length", "cosine", "round_trip", "judge", "duplicate")  # in the order they run
 METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (no LLM)"}
 
 
-@dataclass
-class SynthConfig:
-    generator: str = "ict"  # ict | crop | openai:<model> | a local causal LM (folder, hub name or .gguf file)
+@dataclass(kw_only=True)
+class SynthConfig(StepConfig, PromptConfig):
+    # base_model is the embedder of the cosine and round-trip filters
+    generator_model: str = ""  # "" (nothing to do) | ict | crop | openai:<model> | a causal LM folder, hub name, .gguf
     max_documents: int | None = 1000  # a seeded sample of the corpus; None: every document
     batch_size: int = 16  # documents per batch (and per journal write)
-    seed: int = 42
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    trust_remote_code: bool = False  # for a local generator whose code lives in its folder; only if you trust it
     # OpenAI-compatible endpoint; the key is read from the environment only
     base_url: str | None = None  # None: $OPENAI_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
@@ -58,8 +59,7 @@ class SynthConfig:
     max_chars: int = 512
     # Base embedder's cosine between query and its document. "auto": the guide's 0.7 for LLM queries, off for
     # ict/crop, whose query is a span of the document: a floor there keeps only the spans the base model
-    # already matches (SciFact, MiniLM: it dropped 59 % of the ICT pairs and the model trained on the rest lost
-    # NDCG@10). The round trip still applies to them.
+    # already matches, and most of them go (docs/BENCHMARKS.md). The round trip still applies to them.
     min_cosine: float | str | None = "auto"
     round_trip_k: int | None = 5  # the document must be in the base embedder's top k for its query
     judge_min_score: int | None = None  # LLM-as-judge: keep queries it rates at least this (1-5)
@@ -68,15 +68,15 @@ class SynthConfig:
 def cosine_floor(config: SynthConfig) -> float | None:
     """The minimum query-document cosine in force (`min_cosine` with "auto" resolved)."""
     if config.min_cosine == "auto":
-        return None if config.generator in UNSUPERVISED else 0.7
+        return None if config.generator_model in UNSUPERVISED else 0.7
     if isinstance(config.min_cosine, str):
         raise ValueError(f'min_cosine must be a number, None or "auto", not {config.min_cosine!r}')
     return config.min_cosine
 
 
-def make_generator(config: SynthConfig, trust_remote_code: bool = False):
+def make_generator(config: SynthConfig):
     """None for the no-LLM methods, else an object with `generate(prompts) -> replies`."""
-    name = config.generator
+    name = config.generator_model
     if name in UNSUPERVISED:
         if config.judge_min_score is not None:
             raise GeneratorError(f"judge_min_score needs an LLM; generator={name!r} has none")
@@ -95,7 +95,7 @@ def make_generator(config: SynthConfig, trust_remote_code: bool = False):
             temperature=config.temperature,
             max_tokens=config.max_new_tokens,
         )
-    return LocalLM(name, config.max_new_tokens, 0.0, trust_remote_code)
+    return LocalLM(name, config.max_new_tokens, 0.0, config.trust_remote_code)
 
 
 def select_documents(data: BeirData, config: SynthConfig) -> list[str]:
@@ -103,10 +103,6 @@ def select_documents(data: BeirData, config: SynthConfig) -> list[str]:
     if config.max_documents and len(ids) > config.max_documents:
         ids = sorted(random.Random(config.seed).sample(ids, config.max_documents))
     return ids
-
-
-def _normalized(text: str) -> str:
-    return re.sub(r"\W+", " ", text).strip().casefold()
 
 
 def read_journal(path: Path) -> list[dict]:
@@ -122,15 +118,15 @@ def read_journal(path: Path) -> list[dict]:
 
 def _candidates(doc_id, data, config, generator, rng, reply):
     """(query, view) pairs for one document: from the reply, or by ICT/cropping without an LLM."""
-    n = config.prompt.queries_per_doc
+    n = config.queries_per_doc
     if generator is None:
-        method = ict if config.generator == "ict" else crop
+        method = ict if config.generator_model == "ict" else crop
         made = [method(data.corpus[doc_id], rng) for _ in range(n)]
         return [m for m in made if m]
     return [(q, None) for q in parse_queries(reply)[:n]]
 
 
-def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
+def _filter(rows, seen, model, doc_emb, row_of, config, generator):
     """Set each candidate's verdicts; the first filter that rejects it is `dropped_by`. Duplicates are checked
     last, against kept queries only, so a query that failed for one document may still serve another."""
     pending = []
@@ -141,7 +137,7 @@ def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
             else:
                 cand["dropped_by"] = "length"
     if pending and doc_emb is not None:
-        emb = encode(model, [c["query"] for _, c in pending], "query", instruction, progress=False)
+        emb = encode(model, [c["query"] for _, c in pending], "query", config.instruction, progress=False)
         scores = emb @ doc_emb.T
         for (row, cand), s in zip(pending, scores, strict=True):
             own = s[row_of[row["doc_id"]]]
@@ -162,7 +158,7 @@ def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
     for row in rows:
         for cand in row["queries"]:
             if "dropped_by" not in cand:
-                key = _normalized(cand["query"])
+                key = normalize_text(cand["query"])
                 cand["dropped_by"] = "duplicate" if key in seen else None
                 seen.add(key)
 
@@ -170,7 +166,7 @@ def _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator):
 def summarise(journal: list[dict], config: SynthConfig) -> dict:
     dropped = [c["dropped_by"] for row in journal for c in row["queries"]]
     return {
-        "generator": METHODS.get(config.generator, config.generator),
+        "generator": METHODS.get(config.generator_model, config.generator_model),
         "documents": len(journal),
         "documents_without_queries": sum(not row["queries"] for row in journal),
         "generated": len(dropped),
@@ -202,36 +198,24 @@ def write_beir(journal: list[dict], folder: Path) -> None:
         tmp.write_text("\n".join(qrels) + "\n", encoding="utf-8")
 
 
-def generate(
-    model,
-    model_path: str,
-    data: BeirData,
-    run_dir: str | Path,
-    config: SynthConfig | None = None,
-    instruction: str | None = None,
-    template: str = DEFAULT_DOC_TEMPLATE,
-    generator=None,
-) -> dict:
+def generate(model, model_path: str, data: BeirData, config: SynthConfig, generator=None) -> dict:
     """Generate, filter and write `run_dir/synthetic/`; resumes from its journal. Returns the stats."""
     from tqdm.auto import tqdm
 
-    from .mine import corpus_embeddings
-
-    config = config or SynthConfig()
-    folder = Path(run_dir) / "synthetic"
+    folder = RunDir(config.run_dir).synthetic
     folder.mkdir(parents=True, exist_ok=True)
     journal_path = folder / "generations.jsonl"
     journal = read_journal(journal_path)
     tokens_before = journal[-1]["tokens_total"] if journal else 0
-    if generator is None and config.generator not in UNSUPERVISED:
+    if generator is None and config.generator_model not in UNSUPERVISED:
         generator = make_generator(config)
     done = {row["doc_id"] for row in journal}
     todo = [d for d in select_documents(data, config) if d not in done]
-    seen = {_normalized(c["query"]) for row in journal for c in row["queries"] if c["dropped_by"] is None}
-    docs = data.doc_texts(template)
+    seen = {normalize_text(c["query"]) for row in journal for c in row["queries"] if c["dropped_by"] is None}
+    docs = data.doc_texts(config.doc_template)
     doc_emb = row_of = None
     if todo and (cosine_floor(config) is not None or config.round_trip_k is not None):
-        doc_emb = corpus_embeddings(model, model_path, data, run_dir, template)
+        doc_emb = corpus_embeddings(model, model_path, data, config.run_dir, config.doc_template)
         row_of = {d: i for i, d in enumerate(docs)}
 
     def tokens():
@@ -249,7 +233,7 @@ def generate(
         if generator is None:
             prompts = replies = [None] * len(batch)
         else:
-            prompts = [build_prompt(docs[d], config.prompt, r) for d, r in zip(batch, rngs, strict=True)]
+            prompts = [build_prompt(docs[d], config, r) for d, r in zip(batch, rngs, strict=True)]
             replies = generator.generate(prompts)
         rows = []
         for doc_id, rng, prompt, reply in zip(batch, rngs, prompts, replies, strict=True):
@@ -258,13 +242,13 @@ def generate(
                 {
                     "doc_id": doc_id,
                     "document": docs[doc_id],
-                    "generator": METHODS.get(config.generator, config.generator),
+                    "generator": METHODS.get(config.generator_model, config.generator_model),
                     "prompt": prompt,
                     "reply": reply,
                     "queries": [{"query": q, **({"view": v} if v else {})} for q, v in made],
                 }
             )
-        _filter(rows, seen, model, doc_emb, row_of, instruction, config, generator)
+        _filter(rows, seen, model, doc_emb, row_of, config, generator)
         for row in rows:
             row["tokens_total"] = tokens()
         with open(journal_path, "a", encoding="utf-8") as f:

@@ -46,11 +46,13 @@ def load_labelled(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 def load_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
-    """STS pairs: the STS Benchmark csv (score in column 5, sentences in 6 and 7) or the
-    `sentence1<TAB>sentence2<TAB>score` files of Chinese STS-B."""
+    """STS pairs: `sentence1<TAB>sentence2<TAB>score` (Chinese STS-B, and data_samples/sts_general with its
+    header line), or the STS Benchmark csv (score in column 5, sentences in 6 and 7)."""
     first, second, scores = [], [], []
     with open(path, encoding="utf-8", newline="") as f:
         for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if row[:3] == ["sentence1", "sentence2", "score"]:
+                continue
             a, b, s = (row[5], row[6], row[4]) if len(row) >= 7 else (row[0], row[1], row[2])
             first.append(a)
             second.append(b)
@@ -58,11 +60,14 @@ def load_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
     return first, second, np.asarray(scores)
 
 
-def classification(
-    model, texts: list[str], labels: list[str], test_size: float = 0.3, seed: int = 0, instruction: str | None = None
-) -> dict[str, float]:
+def embed(model, texts: list[str], instruction: str | None = None):
+    """Embeddings for the classification and clustering scores: with `instruction` as a query (Qwen3's way of
+    telling the model the task), else as documents."""
+    return encode(model, texts, "query" if instruction else "document", instruction, progress=False)
+
+
+def classification(emb, labels: list[str], test_size: float = 0.3, seed: int = 0) -> dict[str, float]:
     """A logistic-regression probe on frozen embeddings; macro-averaged precision, recall and F1."""
-    emb = encode(model, texts, "query" if instruction else "document", instruction, progress=False)
     x_train, x_test, y_train, y_test = train_test_split(
         emb, labels, test_size=test_size, random_state=seed, stratify=labels
     )
@@ -71,11 +76,8 @@ def classification(
     return {"accuracy": accuracy_score(y_test, predicted), "precision": precision, "recall": recall, "f1": f1}
 
 
-def clustering(
-    model, texts: list[str], labels: list[str], seed: int = 0, instruction: str | None = None
-) -> dict[str, float]:
+def clustering(emb, labels: list[str], seed: int = 0) -> dict[str, float]:
     """k-means with k = the number of labels; agreement with the labels (ARI, NMI) and silhouette."""
-    emb = encode(model, texts, "query" if instruction else "document", instruction, progress=False)
     predicted = KMeans(n_clusters=len(set(labels)), n_init=10, random_state=seed).fit_predict(emb)
     return {
         "silhouette": float(silhouette_score(emb, predicted, metric="cosine")),
