@@ -14,7 +14,7 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal
+.PHONY: setup test run-all bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository
 
 # What the notebooks need (`make run-all`); tests and lint add requirements-dev.txt, benchmarks the SmolLM2 GGUF.
 setup: $(STAMP)
@@ -79,6 +79,12 @@ gpu-rehearsal: gpu-kit
 	$(PYTHON) bench/gpu_kit.py replica --venv $(REPLICA)
 	GPU_CHECK_PYTHON=$(REPLICA)/bin/python GPU_CHECK_STRICT=1 GPU_CHECK_REPORT=build/gpu-rehearsal/gpu_env.txt \
 		bash bench/gpu_check.sh --dry-run --out build/gpu-rehearsal/gpu_check.md
+
+# The repository URL the notebooks install from in Colab (pyproject.toml and every notebook's setup cell).
+repository:
+	test -n "$(URL)" || (echo "usage: make repository URL=https://github.com/you/embtune" && exit 2)
+	sed -i 's|^Repository = ".*"|Repository = "$(URL)"|' pyproject.toml
+	sed -i 's|REPOSITORY = \\"[^\\]*\\"|REPOSITORY = \\"$(URL)\\"|' notebooks/*.ipynb
 
 fixtures: setup
 	$(PY) -m embtune.fixtures "$(OUT)"

@@ -53,3 +53,19 @@ def test_importing_embtune_on_a_cpu_machine_leaves_unsloth_alone():
     script = "import sys, embtune.train, embtune.rerank_train; print('unsloth' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("quant, full", [("none", True), ("4bit", False)])
+def test_the_plan_line_says_what_the_loaded_model_does(tiny_embedding, quant, full):
+    """Gradient checkpointing and the trainable weights' dtype are read off the loaded model: checkpointing asked
+    for is on, and full fine-tuning trains float32 weights (as do LoRA's adapters over 4-bit ones)."""
+    from embtune.train import TrainConfig, load_for_training
+
+    config = TrainConfig(base_model=str(tiny_embedding), data_dir="d", run_dir="r", quant=quant, full_finetune=full,
+                         gradient_checkpointing=True)  # fmt: skip
+    model, how = load_for_training(config)
+    assert model[0].auto_model.is_gradient_checkpointing and how.gradient_checkpointing
+    assert how.trainable_dtype == "float32" and "(float32 weights)" in str(how)
+    assert "gradient checkpointing on" in str(how)
+    off, how_off = load_for_training(TrainConfig(base_model=str(tiny_embedding), data_dir="d", run_dir="r"))
+    assert not off[0].auto_model.is_gradient_checkpointing and "gradient checkpointing off" in str(how_off)

@@ -137,6 +137,29 @@ def test_notebook_is_clean_and_its_parameters_are_its_config(name):
         assert ast.literal_eval(declared[param]["default"]) == default, param
 
 
+def test_every_notebook_has_the_same_setup_cell_and_it_installs_from_this_repository(tmp_path):
+    """One setup cell, the repository URL in one place: pyproject.toml and the notebooks change together with
+    `make repository URL=...`, and a notebook copied out of the clone is told to pip-install from that URL."""
+    import re
+    import tomllib
+
+    def setup_cells(folder):
+        return {c.source for p in sorted(folder.glob("*.ipynb")) for c in nbformat.read(p, as_version=4).cells
+                if c.source.startswith("# Setup:")}  # fmt: skip
+
+    [cell] = setup_cells(ROOT / "notebooks")
+    url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert f'REPOSITORY = "{url}"' in cell and 'f"embtune @ git+{REPOSITORY}"' in cell
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "notebooks", copy / "notebooks")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, copy / name)
+    subprocess.run(["make", "-s", "repository", "URL=https://example.org/fork/embtune"], cwd=copy, check=True)
+    [changed] = setup_cells(copy / "notebooks")
+    assert re.search(r'REPOSITORY = "https://example.org/fork/embtune"', changed)
+    assert 'Repository = "https://example.org/fork/embtune"' in (copy / "pyproject.toml").read_text()
+
+
 def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, minilm_path):
     """A run directory holding model/ (here the real MiniLM) is scored against the base model."""
     run = tmp_path / "run"

@@ -115,6 +115,8 @@ def test_parse_queries_from_json_fences_lists_and_plain_text():
     ]
     assert parse_queries('{"queries": [{"query": "cut off", "x": 1}, {"query": "never fin') == ["cut off"]
     assert parse_queries('{"queries":[{"query":{"type":"1","description":"Doc') == []  # no query in it
+    # reasoning cut off by the token limit, never closed: nothing in it is a query
+    assert parse_queries('<think>maybe {"queries": ["not this"]} or a line\nlike this') == []
     assert parse_queries("") == []
 
 
@@ -276,3 +278,18 @@ def test_cosine_floor_is_the_guides_for_llm_queries_and_off_for_spans_of_the_doc
     assert cosine_floor(synth_config("r", "ict", min_cosine=0.5)) == 0.5
     with pytest.raises(ValueError, match='"auto"'):
         cosine_floor(synth_config("r", "ict", min_cosine="high"))
+
+
+# Qwen3's chat template (Qwen/Qwen3-0.6B tokenizer_config.json), the part that renders the assistant turn.
+QWEN3_GENERATION_PROMPT = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def test_local_qwen3_generator_asks_for_no_thinking(tiny_models):
+    lm = LocalLM(str(tiny_models[1]), max_new_tokens=4)
+    lm.tokenizer.chat_template = QWEN3_GENERATION_PROMPT
+    assert lm._chat("Write a query.").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -96,20 +96,67 @@ def test_merge_equals_adapter_and_changes_the_model(trained, tiny_embedding):
     assert np.abs(encode(merged, TEXTS) - encode(base, TEXTS)).max() > 1e-2  # the LoRA update landed
 
 
-def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding):
+def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding, tmp_path):
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     mid = slerp(a, b, 0.5)
     assert torch.allclose(mid, torch.tensor([1.0, 1.0]) / 2**0.5 * 1.5, atol=1e-6)  # angle halved, norm mean
     assert torch.equal(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b)
     run_dir, _ = trained
+
+    def at(t):
+        folder = slerp_models(tiny_embedding, run_dir / "model", t, tmp_path / f"t{t}")
+        return load_embedder(str(folder), device="cpu")
+
     base = encode(load_embedder(str(tiny_embedding), device="cpu"), TEXTS, progress=False)
     tuned = encode(load_embedder(str(run_dir / "model"), device="cpu"), TEXTS, progress=False)
-    at0 = encode(slerp_models(tiny_embedding, run_dir / "model", 0.0), TEXTS, progress=False)
-    at1 = encode(slerp_models(tiny_embedding, run_dir / "model", 1.0), TEXTS, progress=False)
-    half = encode(slerp_models(tiny_embedding, run_dir / "model", 0.5), TEXTS, progress=False)
-    np.testing.assert_allclose(at0, base, atol=1e-5)
-    np.testing.assert_allclose(at1, tuned, atol=1e-5)
-    assert 0 < np.abs(half - base).max() < np.abs(tuned - base).max()
+    np.testing.assert_allclose(encode(at(0.0), TEXTS, progress=False), base, atol=1e-5)
+    np.testing.assert_allclose(encode(at(1.0), TEXTS, progress=False), tuned, atol=1e-5)
+    half = at(0.5)
+    assert 0 < np.abs(encode(half, TEXTS, progress=False) - base).max() < np.abs(tuned - base).max()
+    assert half.prompts["query"] == instruct(TASK)  # the fine-tuned model's prompts
+
+
+def test_merge_equals_peft_merge_and_unload(trained, tiny_embedding):
+    """The tensor-by-tensor merge gives peft's own merge_and_unload weights (the independent reference)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    run_dir, _ = trained
+    reference = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_embedding), run_dir / "adapter")
+    expected = reference.merge_and_unload().state_dict()
+    merged = load_file(run_dir / "model" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, atol=1e-6, rtol=1e-5)
+
+
+UNSLOTH_SAVE = """
+import sys
+from unsloth.models.sentence_transformer import FastSentenceTransformer
+from transformers import AutoConfig
+# unsloth's own save step: the base config.json beside the adapter
+FastSentenceTransformer._save_base_config_for_processor_resume(AutoConfig.from_pretrained(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_merge_reads_an_adapter_folder_as_unsloth_writes_it(trained, tiny_embedding, tmp_path):
+    """unsloth saves the base config.json beside the adapter, which makes sentence-transformers take the folder
+    for a whole model; the merge reads the folder's files and gives the same model as from peft's layout."""
+    from embtune.merge import merge_adapter
+
+    run_dir, _ = trained
+    adapter = shutil.copytree(run_dir / "adapter", tmp_path / "unsloth-adapter")
+    done = subprocess.run([sys.executable, "-c", UNSLOTH_SAVE, str(tiny_embedding), str(adapter)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (adapter / "config.json").exists() and (adapter / "adapter_config.json").exists()
+    with pytest.raises(Exception, match="model.safetensors|no file named"):
+        load_embedder(str(adapter), device="cpu")  # what the old merge did first
+    merged = load_embedder(str(merge_adapter(str(tiny_embedding), adapter, tmp_path / "merged")), device="cpu")
+    expected = load_embedder(str(run_dir / "model"), device="cpu")
+    for kind in ("query", "document"):
+        np.testing.assert_allclose(encode(merged, TEXTS, kind), encode(expected, TEXTS, kind), atol=1e-4)
 
 
 def test_synthetic_only_training_is_merged_half_way_with_the_base(tmp_path, tiny_embedding):
@@ -126,7 +173,8 @@ def test_synthetic_only_training_is_merged_half_way_with_the_base(tmp_path, tiny
     assert log["merge_with_base"] == 0.5 and log["finetuned_model"] == str(run_dir / "finetuned")
     finetuned = load_embedder(str(run_dir / "finetuned"), device="cpu")
     merged = load_embedder(str(run_dir / "model"), device="cpu")
-    expected = encode(slerp_models(tiny_embedding, run_dir / "finetuned", 0.5), TEXTS, progress=False)
+    half = load_embedder(str(slerp_models(tiny_embedding, run_dir / "finetuned", 0.5, tmp_path / "half")), device="cpu")
+    expected = encode(half, TEXTS, progress=False)
     np.testing.assert_allclose(encode(merged, TEXTS, progress=False), expected, atol=1e-5)
     assert merged.prompts == finetuned.prompts
 

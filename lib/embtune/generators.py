@@ -82,7 +82,9 @@ def parse_score(reply: str) -> int | None:
 
 
 def _strip_thinking(reply: str) -> str:
-    return re.sub(r"<think>.*?</think>", "", reply or "", flags=re.S).strip()
+    """The reply without reasoning: closed <think> blocks, and an unclosed one (cut off by the token limit) to
+    the end."""
+    return re.sub(r"<think>.*?(</think>|$)", "", reply or "", flags=re.S).strip()
 
 
 _LABEL = re.compile(r"^\s*(?:(?:[-*•]|\d+[.)]|quer(?:y|ies)\s*\d*\s*:)\s*)+", re.I)  # "1. Query: "
@@ -184,19 +186,18 @@ class LocalLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .lora import unsloth_problem
+
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         kwargs = {"trust_remote_code": trust_remote_code}
         if name.endswith(".gguf"):
             name, kwargs["gguf_file"] = os.path.split(name)
         self.model = None
-        if torch.cuda.is_available() and "gguf_file" not in kwargs:
-            try:
-                from unsloth import FastLanguageModel
+        if torch.cuda.is_available() and "gguf_file" not in kwargs and unsloth_problem() is None:
+            from unsloth import FastLanguageModel
 
-                self.model, self.tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=True, **kwargs)
-                FastLanguageModel.for_inference(self.model)
-            except ImportError:
-                pass
+            self.model, self.tokenizer = FastLanguageModel.from_pretrained(name, load_in_4bit=True, **kwargs)
+            FastLanguageModel.for_inference(self.model)
         if self.model is None:
             self.tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
             self.model = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()
@@ -207,7 +208,9 @@ class LocalLM:
     def _chat(self, prompt: str) -> str:
         if self.tokenizer.chat_template:
             messages = [{"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # Qwen3's template honours enable_thinking (no reasoning before the JSON); others ignore the flag.
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=False)  # fmt: skip
         return prompt
 
     def generate(self, prompts: list[str]) -> list[str]:

@@ -44,7 +44,9 @@ class Plan:
     n_params: int  # counted from the config: the unpacked size, also for a 4-bit model
     why: str
     lora_r: int = 16
-    trainable: int | None = None  # set once the model is loaded
+    # read off the loaded model (`finish`): what is in effect, not what was asked for
+    trainable: int | None = None
+    trainable_dtype: str | None = None
 
     def trainer_args(self) -> dict:
         """The mixed-precision flags of transformers' TrainingArguments."""
@@ -54,8 +56,9 @@ class Plan:
         backend = "unsloth" if self.backend == "unsloth" else "sentence-transformers + peft"
         mode = "full fine-tuning" if self.full_finetune else f"LoRA r={self.lora_r}"
         trainable = f"{self.trainable:,} of " if self.trainable is not None else ""
+        weights = f" ({self.trainable_dtype} weights)" if self.trainable_dtype else ""
         return (
-            f"{backend} | {self.quant} | {mode} | {trainable}{self.n_params:,} parameters trainable | "
+            f"{backend} | {self.quant} | {mode} | {trainable}{self.n_params:,} parameters trainable{weights} | "
             f"mixed precision {self.precision} | gradient checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'} | why: {self.why}"
         )
@@ -88,7 +91,7 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
 
 
-def _unsloth_importable() -> str | None:
+def unsloth_problem() -> str | None:
     """None when unsloth imports here, else why not."""
     try:
         import unsloth  # noqa: F401
@@ -124,7 +127,7 @@ def plan(options: LoraOptions, path: str, kind: str = "embedder", n_params: int 
         if capability is None and kind == "embedder":
             raise ValueError("backend='unsloth' needs a CUDA GPU for an embedder (FastSentenceTransformer); "
                              "set backend='auto' or 'peft' on this machine")  # fmt: skip
-        problem = _unsloth_importable()
+        problem = unsloth_problem()
         if problem:
             raise ValueError(f"backend='unsloth': {problem}; set backend='auto' or 'peft'")
         backend, why = "unsloth", f"backend='unsloth' asked for; {gpu}"
@@ -134,7 +137,7 @@ def plan(options: LoraOptions, path: str, kind: str = "embedder", n_params: int 
         backend, why = "peft", f"{gpu}; unsloth trains causal LMs, not cross-encoders"
     else:
         # (a capability given without a device, as the tests do, plans for that card without importing unsloth)
-        problem = _unsloth_importable() if torch.cuda.is_available() else "no CUDA device in this process"
+        problem = unsloth_problem() if torch.cuda.is_available() else "no CUDA device in this process"
         backend, why = ("peft", problem) if problem else ("unsloth", gpu)
     checkpointing = options.gradient_checkpointing
     if checkpointing is None:
@@ -208,7 +211,12 @@ def add_peft_lora(model, inner: torch.nn.Module, options: LoraOptions, plan: Pla
 
 
 def finish(model, plan: Plan) -> Plan:
-    plan.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """The plan as the loaded model carries it out: trainable parameters, their dtype, gradient checkpointing."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plan.trainable = sum(p.numel() for p in trainable)
+    plan.trainable_dtype = str(trainable[0].dtype).removeprefix("torch.") if trainable else None
+    inner = getattr(model[0], "auto_model", None) or model[0].model
+    plan.gradient_checkpointing = bool(getattr(inner, "is_gradient_checkpointing", plan.gradient_checkpointing))
     return plan
 
 

@@ -77,7 +77,7 @@ def train_reranker(config: RerankConfig) -> dict:
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import set_seed
 
-    from .merge import merge_reranker
+    from .merge import merge_adapter
 
     set_seed(config.seed)  # before the model is built: LoRA's initial weights are drawn then
     out = RunDir(config.run_dir).reranker
@@ -127,6 +127,6 @@ def train_reranker(config: RerankConfig) -> dict:
     else:
         with replace_dir(out / "adapter") as tmp:
             model.save(str(tmp))
-        merge_reranker(config.reranker_model, out / "adapter", out / "model", config.max_length)
+        merge_adapter(config.reranker_model, out / "adapter", out / "model")
     write_json(out / "train_log.json", log)
     return log

@@ -30,7 +30,7 @@ from .config import StepConfig
 from .data import BeirData, TrainingLabels, load_beir, split_train_dev, training_labels
 from .encode import query_prompt
 from .files import replace_dir, write_json
-from .lora import LoraOptions, Plan, compute_dtype, finish, load_embedder_for_training, plan
+from .lora import LoraOptions, Plan, finish, load_embedder_for_training, plan
 from .losses import build_loss
 from .rundir import RunDir, last_complete_checkpoint
 
@@ -53,7 +53,7 @@ class TrainConfig(StepConfig, LoraOptions):
     eval_steps: int = 50
     eval_corpus_size: int = 2000
     dev_fraction: float = 0.1  # held out of train when the data has no dev split
-    merge_dtype: str = "auto"  # auto (the training precision on a GPU, fp32 on a CPU) | bfloat16 | float16 | float32
+    merge_dtype: str = "auto"  # the merged model's dtype: auto (the base checkpoint's) | bfloat16 | float16 | float32
     # Slerp of the trained weights toward the base (1: as trained; 0.5: half-way). None: 1 with human labels,
     # 0.5 with synthetic ones only, whose dev split cannot catch drift toward the generator's artefacts;
     # interpolating with the base keeps its general skill (WiSE-FT; the Qwen3 report merges checkpoints by
@@ -217,11 +217,6 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     return Training(config, trainer, how, prompt, sum(len(d) for d in sets), len(dev_qrels), bool(labels.labelled))
 
 
-def merge_dtype(config: TrainConfig, how: Plan) -> torch.dtype:
-    """The merged model's dtype: "auto" keeps the training precision (bf16 or fp16 on a GPU, fp32 on a CPU)."""
-    return compute_dtype(how) if config.merge_dtype == "auto" else getattr(torch, config.merge_dtype)
-
-
 def save_outputs(training: Training, seconds: float) -> dict:
     """The log, the adapter (LoRA), the merged model, its slerp with the base when asked, the plot."""
     from .merge import merge_adapter, slerp_models
@@ -261,9 +256,10 @@ def save_outputs(training: Training, seconds: float) -> dict:
     else:
         with replace_dir(run.adapter) as tmp:
             model.save(str(tmp))
-        merge_adapter(config.base_model, run.adapter, trained, merge_dtype(config, training.plan))
+        dtype = None if config.merge_dtype == "auto" else getattr(torch, config.merge_dtype)
+        merge_adapter(config.base_model, run.adapter, trained, dtype)
     if t < 1:
-        slerp_models(resolve(config.base_model), trained, t, out=run.model)
+        slerp_models(resolve(config.base_model), trained, t, run.model)
     log["merge_with_base"] = t
     log["finetuned_model"] = str(trained)
     write_json(run.train_log, log)
