@@ -154,7 +154,7 @@ def quantization_kwargs(plan: Plan) -> dict:
         return {"dtype": compute_dtype(plan)} if lora_on_gpu else {}
     from transformers import BitsAndBytesConfig
 
-    return {
+    quantized = {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=plan.quant == "4bit",
             load_in_8bit=plan.quant == "8bit",
@@ -162,6 +162,9 @@ def quantization_kwargs(plan: Plan) -> dict:
             bnb_4bit_compute_dtype=compute_dtype(plan),
         )
     }
+    if torch.cuda.is_available():  # quantised weights are placed as they load, not moved afterwards
+        quantized["device_map"] = {"": torch.cuda.current_device()}
+    return quantized
 
 
 def unsloth_kwargs(plan: Plan, max_seq_length: int) -> dict:
