@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-DOCS = ROOT / "docs"
+# EMBTUNE_BENCH_DOCS: write (and read back) the results in that folder instead of docs/, e.g. for a smoke run.
+DOCS = Path(os.environ.get("EMBTUNE_BENCH_DOCS", ROOT / "docs"))
 
 
 def minilm_path() -> str:
@@ -66,8 +67,10 @@ def report(result: dict) -> None:
 def in_own_process(script: str, *args: str) -> dict:
     """Run `script --one ARGS` in a fresh interpreter, so that its seconds and peak memory are its own, and return
     what it `report`ed."""
-    out = subprocess.run([sys.executable, script, "--one", *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.rsplit(RESULT, 1)[1])
+    done = subprocess.run([sys.executable, script, "--one", *args], capture_output=True, text=True)
+    if done.returncode or RESULT not in done.stdout:
+        raise RuntimeError(f"{Path(script).name} --one {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.rsplit(RESULT, 1)[1])
 
 
 def test_scores(model, model_path: str, data_dir, run_dir, split: str | None = None) -> dict[str, float]:

@@ -36,24 +36,27 @@ def smollm2_folder(out: Path) -> Path:
 
 
 def main():
-    from embtune.data import load_beir
-    from embtune.evaluate import bm25_run, dense_runs, fuse_runs, score
-    from embtune.mine import corpus_embeddings, mine, save
+    from embtune.data import DEFAULT_DOC_TEMPLATE, load_beir
+    from embtune.encode import corpus_embeddings
+    from embtune.evaluate import score
+    from embtune.mine import MineConfig, mine, save
     from embtune.models import load_embedder
     from embtune.rerank import load_reranker, rerank
     from embtune.rerank_train import RerankConfig, train_reranker
+    from embtune.rundir import RunDir
+    from embtune.search import bm25_search, dense_run, fuse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--top-k", type=int, default=10, help="dense candidates each reranker re-scores")
     parser.add_argument("--llm-steps", type=int, default=100, help="training steps of the SmolLM2 reranker")
-    parser.add_argument("--max-length", type=int, default=256, help="reranker tokens per pair")
+    parser.add_argument("--max-length", type=int, default=256, help="reranker tokens per pair, template included")
     args = parser.parse_args()
 
     data_dir = str(SHARED / "scifact")
     data = load_beir(data_dir, limits="off")
     qrels = data.relevant("test")
     queries = {q: data.queries[q] for q in qrels}
-    docs = data.doc_texts()
+    docs = data.doc_texts(DEFAULT_DOC_TEMPLATE)
     rows = []
 
     def add(system: str, run: dict, seconds: float = 0.0, **extra) -> None:
@@ -65,28 +68,30 @@ def main():
         run_dir = Path(tmp) / "run"
         embedder = load_embedder(minilm_path(), device="cpu")
         start = time.perf_counter()
-        save(*mine(embedder, minilm_path(), data, run_dir), run_dir)  # notebook 02's defaults
+        config = MineConfig(data_dir=data_dir, run_dir=str(run_dir), base_model=minilm_path())  # notebook 02's defaults
+        save(*mine(embedder, minilm_path(), data, config), run_dir)
         mine_s = time.perf_counter() - start
         start = time.perf_counter()
-        doc_emb = corpus_embeddings(embedder, minilm_path(), data, run_dir)  # encoded once, by the mining
-        dense = dense_runs(embedder, doc_emb, list(docs), queries, {"main": None})["main"]
+        # the corpus was encoded once, by the mining, and cached in run_dir
+        doc_emb = corpus_embeddings(embedder, minilm_path(), data, run_dir, DEFAULT_DOC_TEMPLATE)
+        dense = dense_run(embedder, queries, doc_emb, list(docs))
         add("dense (MiniLM)", dense, time.perf_counter() - start)
         start = time.perf_counter()
-        bm25 = bm25_run(queries, docs)
+        bm25 = bm25_search(queries, docs)
         add("bm25", bm25, time.perf_counter() - start)
-        add("hybrid rrf", fuse_runs([dense, bm25], "rrf"))
-        add("hybrid wsum", fuse_runs([dense, bm25], "wsum"))
+        add("hybrid rrf", fuse([dense, bm25], "rrf"))
+        add("hybrid wsum", fuse([dense, bm25], "wsum"))
 
         llm = str(smollm2_folder(Path(tmp) / "smollm2"))
-        for name, base, steps in (("MiniLM cross-encoder", minilm_path(), -1), ("SmolLM2", llm, args.llm_steps)):
-            out = Path(tmp) / name.split()[0]
-            config = RerankConfig(base_model=base, data_dir=data_dir, run_dir=str(out), max_length=args.max_length,
-                                  max_steps=steps)  # fmt: skip
-            (out / "hard_negatives").mkdir(parents=True)
-            (out / "hard_negatives" / "train.jsonl").symlink_to(run_dir / "hard_negatives" / "train.jsonl")
+        for name, reranker, steps in (("MiniLM cross-encoder", minilm_path(), -1), ("SmolLM2", llm, args.llm_steps)):
+            out = RunDir(Path(tmp) / name.split()[0])
+            config = RerankConfig(data_dir=data_dir, run_dir=str(out.root), base_model=minilm_path(),
+                                  reranker_model=reranker, max_length=args.max_length, max_steps=steps)  # fmt: skip
+            out.hard_negatives.parent.mkdir(parents=True)
+            out.hard_negatives.symlink_to(RunDir(run_dir).hard_negatives)
             log = train_reranker(config)
             start = time.perf_counter()
-            model = load_reranker(str(out / "reranker" / "model"), max_length=args.max_length)
+            model = load_reranker(str(out.reranker_model), max_length=args.max_length)
             add(f"dense + {name} trained, top {args.top_k}", rerank(model, queries, dense, docs, args.top_k),
                 time.perf_counter() - start, train_s=log["seconds"], train_steps=log["steps"])  # fmt: skip
 
@@ -99,7 +104,7 @@ def main():
         f"({mine_s:.0f} s of mining): all-MiniLM-L6-v2 as a cross-encoder (one epoch), and SmolLM2-135M-Instruct "
         f"(GGUF converted to transformers) as a Qwen3-Reranker-style yes/no scorer ({args.llm_steps} steps), "
         f"both batch 8 at most {args.max_length} tokens, full fine-tuning, on the CPU. `seconds` is retrieval "
-        "or reranking time on the 300 test queries."
+        f"or reranking time on the {len(queries):,} test queries."
         "\n\n" + table
     )
     save_results("rerank", {"top_k": args.top_k, "llm_steps": args.llm_steps, "rows": rows}, section)

@@ -8,21 +8,31 @@ in process). Each system runs in its own process; numbers go to docs/BENCHMARKS.
 
     python bench/synthetic.py [--documents 500] [--llm-documents 48] [--generators ict crop smollm2] [--fresh]
 
-SmolLM2 writes at about 10 s a document on two CPU cores, so it gets a smaller sample (`--llm-documents`).
+SmolLM2 writes slowly on a CPU (its `generate_s` in docs/BENCHMARKS.md), so it gets a smaller sample
+(`--llm-documents`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DOCS, SHARED, markdown_table, minilm_path, save_results, smollm2_gguf, test_scores  # noqa: E402
+from common import (  # noqa: E402
+    DOCS,
+    SHARED,
+    in_own_process,
+    markdown_table,
+    minilm_path,
+    report,
+    save_results,
+    smollm2_gguf,
+    test_scores,
+)
 
 SEQ = 256
 COLUMNS = ["generator", "ndcg@10", "mrr@10", "recall@100", "ndcg@10 as trained", "documents", "kept", "generate_s",
@@ -47,14 +57,17 @@ def one(generator: str, documents: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = unlabelled("scifact", Path(tmp) / "data")
-        if generator == "base":
-            return {"generator": "none (base model)", **test_scores(load_embedder(minilm_path()), data_dir)}
         run_dir = Path(tmp) / "run"
+        base = minilm_path()
+        if generator == "base":
+            return {"generator": "none (base model)", **test_scores(load_embedder(base), base, data_dir, run_dir)}
         start = time.perf_counter()
         name = str(smollm2_gguf()) if generator == "smollm2" else generator
-        config = SynthConfig(generator=name, max_documents=documents, max_new_tokens=64)  # queries are short
+        # max_new_tokens: queries are short
+        config = SynthConfig(data_dir=str(data_dir), run_dir=str(run_dir), base_model=base, generator_model=name,
+                             max_documents=documents, max_new_tokens=64)  # fmt: skip
         data = load_beir(data_dir, limits="off")
-        stats = generate(load_embedder(minilm_path()), minilm_path(), data, run_dir, config)
+        stats = generate(load_embedder(base), base, data, config)
         generated = time.perf_counter() - start
         row = {
             "generator": "SmolLM2-135M-Instruct" if generator == "smollm2" else stats["generator"],
@@ -64,11 +77,12 @@ def one(generator: str, documents: int) -> dict:
         }
         if stats["kept"] < 2:
             return row  # nothing to train on (a batch needs two pairs)
-        log = train(TrainConfig(base_model=minilm_path(), data_dir=str(data_dir), run_dir=str(run_dir),
-                                max_seq_length=SEQ))  # fmt: skip
-        scores = test_scores(load_embedder(str(run_dir / "model")), data_dir)
+        log = train(TrainConfig(base_model=base, data_dir=str(data_dir), run_dir=str(run_dir), max_seq_length=SEQ))
+        merged = str(run_dir / "model")
+        scores = test_scores(load_embedder(merged), merged, data_dir, run_dir)
         # the default merges half-way back to the base (no human labels); the model as trained, for comparison
-        trained = test_scores(load_embedder(log["finetuned_model"]), data_dir)["ndcg@10"]
+        finetuned = log["finetuned_model"]
+        trained = test_scores(load_embedder(finetuned), finetuned, data_dir, run_dir)["ndcg@10"]
     return {**row, **scores, "ndcg@10 as trained": trained, "train_s": log["seconds"]}
 
 
@@ -81,7 +95,7 @@ def main():
     parser.add_argument("--one")
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.documents)))
+        report(one(args.one, args.documents))
         return
     settings = {"documents": args.documents, "llm_documents": args.llm_documents}
     saved = DOCS / "benchmarks" / "synthetic.json"
@@ -94,9 +108,7 @@ def main():
             rows.append(done[generator])
             continue
         n = args.llm_documents if generator == "smollm2" else args.documents
-        cmd = [sys.executable, __file__, "--one", generator, "--documents", str(n)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append({"key": generator, **json.loads(out.rsplit("RESULT ", 1)[1])})
+        rows.append({"key": generator, **in_own_process(__file__, generator, "--documents", str(n))})
         print(rows[-1], flush=True)
         save(rows, settings)
 

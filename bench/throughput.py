@@ -17,16 +17,14 @@ Models: the tiny random Qwen3 embedder (last-token pooling) and all-MiniLM-L6-v2
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED, markdown_table, minilm_path, peak_rss_mb, save_results  # noqa: E402
+from common import SHARED, in_own_process, markdown_table, minilm_path, peak_rss_mb, report, save_results  # noqa: E402
 
 BATCH, SEQ, ENCODE_DOCS = 16, 128, 1000
 SYSTEMS = {
@@ -37,7 +35,7 @@ SYSTEMS = {
 }
 TRAINING_COLUMNS = ["model", "system", "steps", "rows_per_s", "range", "tokens_per_s", "ratio", "ratio_min",
                     "ratio_max", "peak_rss_mb"]  # fmt: skip
-STEPS = {"tiny Qwen3": 60, "MiniLM": 16}  # about 4 and 16 s of timed steps: long enough to average out hiccups
+STEPS = {"tiny Qwen3": 60, "MiniLM": 16}  # enough timed steps to average out hiccups (seconds: docs/BENCHMARKS.md)
 
 
 def model_path(name: str, folder: Path) -> str:
@@ -94,8 +92,8 @@ def plain_recipe(path: str, dataset, out: str, steps: int, timer) -> None:
 def train_once(model_name: str, system: str, steps: int) -> dict:
     from transformers import AutoTokenizer
 
-    from embtune.data import load_beir, training_labels
-    from embtune.train import split_train_dev, train, training_dataset
+    from embtune.data import load_beir, split_train_dev, training_labels
+    from embtune.train import train, training_dataset
 
     timer = step_timer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +101,8 @@ def train_once(model_name: str, system: str, steps: int) -> dict:
         config = config_for(path, f"{tmp}/run", "mnrl" if system == "plain" else system, steps)
         data = load_beir(config.data_dir, limits="off")
         labels = training_labels(data, config.run_dir)
-        dataset = training_dataset(data, labels, split_train_dev(data, labels, config)[0], config)
+        train_qrels, _ = split_train_dev(data, labels, config.seed, config.dev_fraction)
+        dataset = training_dataset(data, labels, train_qrels, config)
         if system == "plain":
             plain_recipe(path, dataset, f"{tmp}/plain", steps, timer)
         else:
@@ -162,7 +161,7 @@ def main():
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SYSTEM"))
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(train_once(*args.one, args.steps or STEPS[args.one[0]])))
+        report(train_once(*args.one, args.steps or STEPS[args.one[0]]))
         return
     training, encoding = [], []
     for model in args.models:
@@ -171,9 +170,7 @@ def main():
         for repeat in range(args.repeats):
             names = list(SYSTEMS)[repeat % len(SYSTEMS) :] + list(SYSTEMS)[: repeat % len(SYSTEMS)]
             for name in names:  # each system goes first once: a drift of the machine favours none
-                cmd = [sys.executable, __file__, "--one", model, SYSTEMS[name], "--steps", str(steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                runs[name].append(json.loads(out.rsplit("RESULT ", 1)[1]))
+                runs[name].append(in_own_process(__file__, model, SYSTEMS[name], "--steps", str(steps)))
                 print(model, name, runs[name][-1], flush=True)
         reference = [r["rows_per_s"] for r in runs[next(iter(SYSTEMS))]]
         for name, rs in runs.items():

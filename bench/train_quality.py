@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHARED, markdown_table, minilm_path, peak_rss_mb, save_results, test_scores  # noqa: E402
+from common import (  # noqa: E402
+    SHARED,
+    in_own_process,
+    markdown_table,
+    minilm_path,
+    peak_rss_mb,
+    report,
+    save_results,
+    test_scores,
+)
 
 from embtune.train import TrainConfig  # noqa: E402
 
@@ -77,10 +84,11 @@ def one(dataset: str, system: str, epochs: float) -> dict:
         else:
             if system == "ours+mined":
                 from embtune.data import load_beir
-                from embtune.mine import mine, save
+                from embtune.mine import MineConfig, mine, save
 
                 model = load_embedder(minilm_path(), device="cpu")
-                save(*mine(model, minilm_path(), load_beir(data_dir, limits="off"), run_dir), run_dir)
+                config = MineConfig(data_dir=data_dir, run_dir=run_dir, base_model=minilm_path())  # its defaults
+                save(*mine(model, minilm_path(), load_beir(data_dir, limits="off"), config), run_dir)
             train(
                 TrainConfig(
                     base_model=minilm_path(),
@@ -93,7 +101,7 @@ def one(dataset: str, system: str, epochs: float) -> dict:
             )
             path = f"{run_dir}/model"
         train_seconds = time.perf_counter() - start
-        scores = test_scores(load_embedder(path, device="cpu"), data_dir)
+        scores = test_scores(load_embedder(path, device="cpu"), path, data_dir, run_dir)
     return {
         "dataset": dataset,
         "system": system,
@@ -112,18 +120,12 @@ def main():
     parser.add_argument("--one", nargs=2, metavar=("DATASET", "SYSTEM"))
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(*args.one, args.epochs)))
+        report(one(*args.one, args.epochs))
         return
     rows = []
     for dataset in args.datasets:
         for system in ("base", "stock", "ours", *(["ours+mined"] if dataset in args.mined else [])):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", dataset, system, "--epochs", str(args.epochs)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            rows.append(json.loads(out.rsplit("RESULT ", 1)[1]))
+            rows.append(in_own_process(__file__, dataset, system, "--epochs", str(args.epochs)))
             print(rows[-1], flush=True)
     table = markdown_table(rows, ["dataset", "system", "ndcg@10", "mrr@10", "recall@100", "train_s", "peak_rss_mb"])
     section = (
