@@ -228,14 +228,15 @@ def row_reranker(folder: Path, dry_run: bool) -> dict:
     import numpy as np
 
     from embtune.fixtures import write_tiny_qwen3_reranker
+    from embtune.mine import save
     from embtune.rerank import load_reranker
     from embtune.rerank_train import RerankConfig, train_reranker
+    from embtune.rundir import data_fingerprint, make_manifest
 
     tiny = write_tiny_qwen3_reranker(folder / "tiny")
     docs = [TEXTS[1], "a file object is returned by open()", "nothing to see", "unrelated text"]
     data, run = folder / "data", folder / "run"
     (data / "qrels").mkdir(parents=True)
-    (run / "hard_negatives").mkdir(parents=True)
     def jsonl(path, records):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -246,7 +247,7 @@ def row_reranker(folder: Path, dry_run: bool) -> dict:
     negatives = {"positive_id": "d0", "positive": docs[0], "negative_ids": ["d1", "d2"], "negatives": docs[1:3],
                  "positive_score": 0.5, "negative_scores": [0.1, 0.1]}  # fmt: skip
     rows = [{"query_id": f"q{i}", "query": TEXTS[0], **negatives} for i in range(4)]
-    jsonl(run / "hard_negatives" / "train.jsonl", rows)
+    save(rows, {"made_from": make_manifest({"data": data_fingerprint(data)}, {})}, run)  # as notebook 02 saves
     log = train_reranker(RerankConfig(reranker_model=str(tiny), base_model=str(tiny), data_dir=str(data),
                                       run_dir=str(run), backend="peft" if dry_run else "auto", full_finetune=False,
                                       max_steps=4, batch_size=4))  # fmt: skip

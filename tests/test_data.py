@@ -29,6 +29,7 @@ MALFORMED = [
     ("unknown doc", {"qrels": HEADER + "q0\tdX\t1\n"}, "test.tsv", 2, "corpus-id 'dX'"),
     ("negative score", {"qrels": HEADER + "q0\td0\t-1\n"}, "test.tsv", 2, "not a non-negative integer"),
     ("bad score", {"qrels": HEADER + "q0\td0\thigh\n"}, "test.tsv", 2, "not a non-negative integer"),
+    ("superscript score", {"qrels": HEADER + "q0\td0\t\u00b2\n"}, "test.tsv", 2, "not a non-negative integer"),
     ("missing header", {"qrels": "q0\td0\t1\n"}, "test.tsv", 1, "header"),
     ("empty split", {"qrels": HEADER}, "test.tsv", None, "empty split"),
     ("two columns", {"qrels": HEADER + "q0\td0\n"}, "test.tsv", 2, "2 tab-separated columns"),
@@ -110,3 +111,26 @@ def test_samples_load_in_chinese_and_english():
     pydocs = load_beir(SAMPLES / "pydocs")
     assert set(pydocs.qrels) == {"train", "dev", "test"}
     assert len(pydocs.corpus) > len({q for s in pydocs.qrels.values() for q in s})  # distractors
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    folder = write_beir(tmp_path / "data", corpus=DOC, queries='{"_id": "q0", "text": "x"}',
+                        qrels={"test": HEADER + "q0\td0\t1\n"})  # fmt: skip
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())  # as Excel and Notepad write
+    data = load_beir(folder, limits="off")
+    assert list(data.corpus) == ["d0"] and data.qrels["test"] == {"q0": {"d0": 1}}
+
+
+@pytest.mark.parametrize("case", ["truncated", "not gzip"])
+def test_a_broken_gzip_corpus_is_one_line(tmp_path, case):
+    folder = write_beir(tmp_path / "data")
+    text = (folder / "corpus.jsonl").read_bytes()
+    (folder / "corpus.jsonl").unlink()
+    packed = gzip.compress(text * 50)
+    (folder / "corpus.jsonl.gz").write_bytes(packed[: len(packed) // 2] if case == "truncated" else text)
+    with pytest.raises(DataError) as err:
+        load_beir(folder, limits="off")
+    message = str(err.value)
+    assert "corpus.jsonl.gz" in message and "Fix: " in message and "\n" not in message
+    assert ("ends early" in message) if case == "truncated" else ("not a gzip file" in message)

@@ -17,7 +17,7 @@ DOCS = [
     ("pos", "The Eiffel Tower in Paris was completed in 1889 for the World's Fair."),
     ("copy", "The  Eiffel Tower in Paris was completed in 1889 for the World's Fair."),  # whitespace only
     ("near", "The Eiffel Tower in Paris was finished in 1889 for the World's Fair."),
-    ("also", "Gustave Eiffel's company built the tower in Paris, finished in 1889."),  # labelled in test
+    ("also", "Gustave Eiffel's company built the tower in Paris, finished in 1889."),  # q1's second positive
     ("hard1", "The Statue of Liberty was dedicated in 1886 in New York Harbor."),
     ("hard2", "Big Ben's clock tower in London was completed in 1859."),
     ("easy1", "Photosynthesis converts light energy into chemical energy in plants."),
@@ -36,24 +36,21 @@ def planted(tmp_path):
             ("q1", "When was the Eiffel Tower completed?"),
             ("q2", "What language focuses on memory safety?"),
             ("q3", "What is the powerhouse of the cell?"),
+            ("q4", "Who built the tower in Paris?"),
         ]
     )
     header = "query-id\tcorpus-id\tscore\n"
-    folder = write_beir(
-        tmp_path / "data",
-        corpus,
-        queries,
-        {"train": header + "q1\tpos\t1\nq2\teasy3\t1\nq3\teasy2\t1\n", "test": header + "q1\talso\t1\n"},
-    )
+    train = "q1\tpos\t1\nq1\talso\t1\nq2\teasy3\t1\nq3\teasy2\t1\n"  # q1 has two labelled positives
+    folder = write_beir(tmp_path / "data", corpus, queries, {"train": header + train, "test": header + "q4\talso\t1\n"})
     return load_beir(folder, limits="off")
 
 
 def test_copies_of_the_positive_and_labelled_positives_are_never_negatives(planted, minilm, minilm_path, tmp_path):
     rows, stats = mine(minilm, minilm_path, planted, mine_config(tmp_path / "run", num_negatives=8,
                                                                  relative_margin=None))  # fmt: skip
-    q1 = next(r for r in rows if r["query_id"] == "q1")
+    q1 = next(r for r in rows if r["query_id"] == "q1" and r["positive_id"] == "pos")
     assert {"copy", "near"}.isdisjoint(q1["negative_ids"])  # exact and near duplicates of the positive
-    assert "also" not in q1["negative_ids"]  # a positive of the same query in another split
+    assert "also" not in q1["negative_ids"]  # the query's other labelled positive
     assert "pos" not in q1["negative_ids"]
     assert stats["removed"]["duplicate"] >= 2 and stats["labelled_positives_excluded"] >= 2
     assert q1["negative_ids"][:2] == ["hard2", "hard1"] or set(q1["negative_ids"][:2]) == {"hard1", "hard2"}
@@ -115,7 +112,7 @@ def test_relative_margin_keeps_only_clearly_lower_negatives(planted, minilm, min
     config = mine_config(tmp_path / "run", num_negatives=8, near_duplicate=None)
     rows, stats = mine(minilm, minilm_path, planted, config)
     assert all(s < 0.95 * r["positive_score"] for r in rows for s in r["negative_scores"])
-    q1 = next(r for r in rows if r["query_id"] == "q1")
+    q1 = next(r for r in rows if r["query_id"] == "q1" and r["positive_id"] == "pos")
     assert {"copy", "near"}.isdisjoint(q1["negative_ids"]) and stats["removed"]["relative_margin"] >= 2
 
 
@@ -180,7 +177,7 @@ def test_ict_pairs_get_no_mined_negatives_and_labelled_pairs_still_do(planted, m
     from embtune.synthetic import SynthConfig, generate
 
     run_dir = tmp_path / "run"
-    generate(minilm, minilm_path, planted, SynthConfig(data_dir="unused", run_dir=str(run_dir), base_model="unused",
+    generate(minilm, minilm_path, planted, SynthConfig(data_dir=str(planted.path), run_dir=str(run_dir), base_model="-",
                                                        generator_model="crop", round_trip_k=None, min_chars=1))
     rows, stats = mine(minilm, minilm_path, planted, mine_config(run_dir, num_negatives=2, relative_margin=None))
     unsupervised = [r for r in rows if r["query_id"].startswith("synthetic:")]

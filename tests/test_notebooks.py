@@ -58,7 +58,7 @@ class TestTinyRun:
     def test_run_all_runs_the_notebooks_in_order_and_skips_what_has_nothing_to_do(self, tiny_run):
         run, result = tiny_run
         announced = [line[3:] for line in result.stdout.splitlines() if line.startswith("== ")]
-        assert announced == ["01_synthetic_queries.ipynb: skipped (no generator_model)",
+        assert announced == ["01_synthetic_queries.ipynb: skipped (no GENERATOR)",
                              *[f"{n}.ipynb" for n in ORDER[1:]]]  # fmt: skip
         assert sorted(p.name for p in (run / "notebooks").iterdir()) == [f"{n}.ipynb" for n in ORDER[1:]]
 
@@ -161,10 +161,15 @@ def test_every_notebook_has_the_same_setup_cell_and_it_installs_from_this_reposi
 
 
 def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, minilm_path):
-    """A run directory holding model/ (here the real MiniLM) is scored against the base model."""
+    """A run directory holding model/ (here the real MiniLM, recorded as notebook 03 records what it trained) is
+    scored against the base model."""
+    from embtune.rundir import RunDir, data_fingerprint, make_manifest, model_fingerprint
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "model").symlink_to(minilm_path)
+    made_from = {"data": data_fingerprint(SAMPLES / "pydocs"), "base_model": model_fingerprint(tiny_embedding)}
+    RunDir(run).record("model", make_manifest(made_from, {}))
     pm.execute_notebook(str(ROOT / "notebooks" / "05_evaluate.ipynb"), str(tmp_path / "out.ipynb"),
                         cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3",
                         parameters={"data_dir": str(SAMPLES / "pydocs"), "run_dir": str(run),

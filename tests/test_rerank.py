@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_beir
+from embtune.mine import save
 from embtune.rerank import CHAT_TEMPLATE, load_reranker, rerank
+from embtune.rundir import data_fingerprint, make_manifest
 
 # Qwen3-Reranker's model card (Qwen/Qwen3-Reranker-0.6B, "Transformers Usage"), copied as written there.
 PREFIX = (
@@ -120,15 +122,14 @@ def planted_run(tmp_path):
     corpus = "\n".join(json.dumps({"_id": d, "text": t}) for d, t in docs.items())
     qs = "\n".join(json.dumps({"_id": q, "text": t}) for q, t in queries.items())
     qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(6))
-    data = write_beir(tmp_path / "data", corpus, qs, {"train": qrels, "test": qrels})
+    data = write_beir(tmp_path / "data", corpus, qs, {"train": qrels})
     rows = []
     for i in range(6):
         negatives = [f"d{(i + k) % 6}" for k in (1, 2, 3)]
         rows.append({"query_id": f"q{i}", "query": queries[f"q{i}"], "positive_id": f"d{i}", "positive": docs[f"d{i}"],
                      "negative_ids": negatives, "negatives": [docs[n] for n in negatives],
                      "positive_score": 0.5, "negative_scores": [0.1] * 3})  # fmt: skip
-    (tmp_path / "run" / "hard_negatives").mkdir(parents=True)
-    (tmp_path / "run" / "hard_negatives" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save(rows, {"made_from": make_manifest({"data": data_fingerprint(data)}, {})}, tmp_path / "run")  # as 02 saves
     return data, tmp_path / "run", queries, docs
 
 

@@ -35,7 +35,7 @@ REPLIES = {
     "search": '{"queries": ["recipe for chocolate cake with strawberries"]}',  # off-topic: the filters drop it
     "coffee": '{"queries": ["When was the Eiffel Tower in Paris completed?"]}',  # good elsewhere, not here
     "tower": '{"queries": ["When was the Eiffel Tower in Paris completed?"]}',  # a duplicate of eiffel's
-    "volcano": "1. What happens when magma rises through the crust of a volcano?",  # plain text
+    "volcano": '{"queries": ["What happens when magma rises through the crust of a volcano?"]}',
 }
 
 
@@ -45,6 +45,7 @@ class FakeLLM(BaseHTTPRequestHandler):
     script: list = []
     requests: list = []
     delay = 0.0
+    refuse = ""  # a word: prompts holding it are refused (HTTP 400)
 
     def log_message(self, *args):
         pass
@@ -61,8 +62,12 @@ class FakeLLM(BaseHTTPRequestHandler):
             return self._send(400, b'{"error": "unknown model"}')
         if action == "malformed":
             return self._send(200, b"<html>bad gateway</html>")
+        if action == "429":
+            return self._send(429, b'{"error": "slow down"}', {"Retry-After": "1"})
         time.sleep(type(self).delay)
         prompt = body["messages"][-1]["content"]
+        if type(self).refuse and type(self).refuse in prompt:
+            return self._send(400, b'{"error": "content filter"}')
         if prompt.startswith("Rate how well"):
             content = "Score: 5" if prompt.count("Eiffel") >= 2 else "2"
         else:
@@ -70,8 +75,10 @@ class FakeLLM(BaseHTTPRequestHandler):
         reply = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": {"total_tokens": 10}}
         self._send(200, json.dumps(reply).encode())
 
-    def _send(self, code, payload):
+    def _send(self, code, payload, headers=None):
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -80,7 +87,7 @@ class FakeLLM(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def llm_server():
-    FakeLLM.script, FakeLLM.requests, FakeLLM.delay = [], [], 0.0
+    FakeLLM.script, FakeLLM.requests, FakeLLM.delay, FakeLLM.refuse = [], [], 0.0, ""
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -96,23 +103,22 @@ def corpus(tmp_path):
     return write_beir(tmp_path / "data", docs, queries, {"test": "query-id\tcorpus-id\tscore\nt1\teiffel\t1\n"})
 
 
-def synth_config(run_dir, generator, **kw):
-    return SynthConfig(data_dir="unused", run_dir=str(run_dir), base_model="unused", generator_model=generator, **kw)
+def synth_config(run_dir, generator, data_dir="unused", **kw):
+    return SynthConfig(data_dir=str(data_dir), run_dir=str(run_dir), base_model="unused", generator_model=generator,
+                       **kw)  # fmt: skip
 
 
 def endpoint_config(run_dir, url, **kw):
     return synth_config(run_dir, "openai:fake", base_url=url, batch_size=2, max_retries=3, **kw)
 
 
-def test_parse_queries_from_json_fences_lists_and_plain_text():
+def test_parse_queries_from_json_anywhere_in_the_reply_and_never_from_prose():
     assert parse_queries('{"queries": ["a b", " c "]}') == ["a b", "c"]
     assert parse_queries('Sure!\n```json\n{"query": "x y"}\n```') == ["x y"]
     assert parse_queries('<think>let me think {"queries": ["no"]}</think>["p q", {"query": "r s"}]') == ["p q", "r s"]
-    assert parse_queries('1. "first query"\n2) second query\n- Query: third\nHere are queries:') == [
-        "first query",
-        "second query",
-        "third",
-    ]
+    # not the JSON asked for: prose, numbered lines, an error page hold no query whatever the filters would say
+    assert parse_queries('1. "first query"\n2) second query\n- Query: third\nHere are queries:') == []
+    assert parse_queries("<html><body>502 Bad Gateway: the upstream timed out</body></html>") == []
     assert parse_queries('{"queries": [{"query": "cut off", "x": 1}, {"query": "never fin') == ["cut off"]
     assert parse_queries('{"queries":[{"query":{"type":"1","description":"Doc') == []  # no query in it
     # reasoning cut off by the token limit, never closed: nothing in it is a query
@@ -141,7 +147,7 @@ def test_endpoint_gives_up_with_a_clear_error(llm_server):
 def test_filters_on_planted_cases_and_beir_output(llm_server, corpus, minilm, minilm_path, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     data = load_beir(corpus, limits="off")
-    config = endpoint_config(tmp_path / "run", llm_server, min_cosine=0.3, round_trip_k=2)
+    config = endpoint_config(tmp_path / "run", llm_server, min_cosine=0.3, round_trip_k=2, data_dir=corpus)
     stats = generate(minilm, minilm_path, data, config)
     journal = {r["doc_id"]: r for r in read_journal(tmp_path / "run" / "synthetic" / "generations.jsonl")}
     verdict = {d: [q["dropped_by"] for q in r["queries"]] for d, r in journal.items()}
@@ -241,7 +247,7 @@ def test_ict_and_crop_are_seeded_and_take_the_query_out():
 
 def test_ict_without_an_llm_writes_training_views(corpus, minilm, minilm_path, tmp_path):
     data = load_beir(corpus, limits="off")
-    stats = generate(minilm, minilm_path, data, synth_config(tmp_path, "ict", min_cosine=None))
+    stats = generate(minilm, minilm_path, data, synth_config(tmp_path, "ict", corpus, min_cosine=None))
     assert stats["generator"] == "inverse cloze task (no LLM)"
     assert stats["kept"] == len(DOCS) - 1 and stats["documents_without_queries"] == 1  # "tower" is one sentence
     labels = training_labels(data, tmp_path)
@@ -259,9 +265,13 @@ def test_local_causal_lm_generates_in_process(tiny_models, corpus, tiny_embeddin
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
     config = synth_config(tmp_path, str(tiny_models[1]), min_chars=1, min_cosine=None, round_trip_k=None)
     model = load_embedder(str(tiny_embedding))
-    stats = generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), config, generator=lm)
+    # A random LM writes no JSON: every document is journaled with its reply, no query is kept, and the run
+    # stops with one line saying so rather than training on nothing.
+    with pytest.raises(GeneratorError, match="no synthetic query passed the filters.*no query parsed"):
+        generate(model, str(tiny_embedding), load_beir(corpus, limits="off"), config, generator=lm)
     rows = read_journal(tmp_path / "synthetic" / "generations.jsonl")
-    assert stats["documents"] == len(rows) == len(DOCS) and all(r["reply"] for r in rows)
+    assert len(rows) == len(DOCS) and all(r["reply"] for r in rows)
+    assert not (tmp_path / "synthetic" / "queries.jsonl").exists()
 
 
 def test_token_and_document_budgets(llm_server, corpus, minilm, minilm_path, tmp_path):
@@ -293,3 +303,35 @@ def test_local_qwen3_generator_asks_for_no_thinking(tiny_models):
     lm = LocalLM(str(tiny_models[1]), max_new_tokens=4)
     lm.tokenizer.chat_template = QWEN3_GENERATION_PROMPT
     assert lm._chat("Write a query.").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_endpoint_honours_retry_after_and_never_shows_the_key(llm_server):
+    FakeLLM.script = ["429"]
+    client = Endpoint(llm_server, "fake", api_key="sk-secret-123", backoff=0.01)
+    start = time.perf_counter()
+    assert client.chat("Document:\n" + DOCS["rust"]) == REPLIES["rust"]
+    assert time.perf_counter() - start >= 0.75  # Retry-After: 1 (jittered by at most a fifth), not the 0.01 back-off
+    assert "sk-secret" not in repr(client) and "sk-secret" not in str(client.__dict__.get("_lock"))
+
+
+def test_the_answered_replies_of_a_failed_batch_are_kept(llm_server, corpus, minilm, minilm_path, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    """One request of a batch refused: the others are journaled before the error stops the run, the key is in
+    no file written, and the rerun asks only for the document that failed."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    data = load_beir(corpus, limits="off")
+    config = synth_config(tmp_path / "run", "openai:fake", corpus, base_url=llm_server, batch_size=len(DOCS),
+                          max_retries=0, round_trip_k=None)  # fmt: skip
+    FakeLLM.refuse = DOCS["rust"][:30]
+    with pytest.raises(GeneratorError, match="refused the request"):
+        generate(minilm, minilm_path, data, config)
+    journal = read_journal(tmp_path / "run" / "synthetic" / "generations.jsonl")
+    assert sorted(r["doc_id"] for r in journal) == sorted(set(DOCS) - {"rust"})
+    FakeLLM.refuse, FakeLLM.requests = "", []
+    stats = generate(minilm, minilm_path, data, config)
+    assert [r["body"]["messages"][-1]["content"] for r in FakeLLM.requests] == [
+        next(r["prompt"] for r in read_journal(tmp_path / "run" / "synthetic" / "generations.jsonl")
+             if r["doc_id"] == "rust")]  # fmt: skip
+    assert stats["documents"] == len(DOCS)
+    for path in (tmp_path / "run").rglob("*"):
+        assert path.is_dir() or b"sk-secret" not in path.read_bytes(), path

@@ -350,6 +350,8 @@ def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding
     """Rows the filters left with fewer than max_negatives negatives train on in-batch negatives, in their own set;
     dev queries never enter training."""
     from embtune.data import load_beir, split_train_dev, training_labels
+    from embtune.mine import save
+    from embtune.rundir import data_fingerprint, make_manifest
     from embtune.train import training_dataset
 
     run_dir = tmp_path / "run"
@@ -375,7 +377,8 @@ def test_trains_on_hard_negatives_with_short_rows_apart(tmp_path, tiny_embedding
                 "negative_scores": [0.1] * len(negs),
             }
         )
-    (run_dir / "hard_negatives" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    made_from = make_manifest({"data": data_fingerprint(SAMPLES / "pydocs"), "synthetic": None}, {})
+    save(rows, {"made_from": made_from}, run_dir)  # as notebook 02 saves them
     dataset = training_dataset(data, labels, train_qrels, cfg)
     assert set(dataset) == {"hard_negatives", "pairs"}
     assert dataset["hard_negatives"].column_names == ["anchor", "positive", "negative_1", "negative_2"]

@@ -30,3 +30,17 @@ class StepConfig:
         """The config from a notebook's namespace (`globals()`): every field the namespace defines."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in params.items() if k in names}, **overrides})
+
+
+@dataclass(kw_only=True)
+class Reuse:
+    """For the steps whose artifacts a rerun may reuse (embtune.rundir): journals, mined negatives, checkpoints."""
+
+    reuse: str = "matching"  # "matching": reuse what was made from the same inputs, else rebuild; "never"; "error"
+
+
+@dataclass(kw_only=True)
+class TrainingData(Reuse):
+    """For the steps that read the training labels."""
+
+    split_overlap: str = "error"  # a query labelled in train and in dev/test: "error" stops; "drop" trains without it

@@ -82,19 +82,24 @@ class BeirData:
 
 
 def _lines(path: Path):
-    """Yield (line number, decoded line) of a text or gzip file, naming the line of undecodable bytes."""
+    """Yield (line number, decoded line) of a text or gzip file, naming the line of undecodable bytes; a UTF-8
+    byte-order mark (many editors and spreadsheet exports write one) is skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    path,
-                    number,
-                    f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
-                    "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)",
-                ) from None
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, number, f"bytes that are not UTF-8 ({e.reason} at byte {e.start})",
+                                    "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)") from None
+                yield number, line.removeprefix("\ufeff") if number == 1 else line
+    except gzip.BadGzipFile:
+        raise DataError(path, None, "not a gzip file", f"compress it with `gzip`, or name it {path.stem}") from None
+    except EOFError:
+        raise DataError(path, number + 1, "the gzip file ends early (truncated)",
+                        "copy or compress the file again, whole") from None
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: tuple[str, ...] = ()):
@@ -168,7 +173,7 @@ def read_qrels(path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, i
                 path, number, f"{len(cols)} tab-separated columns, expected 3", "write query-id<TAB>corpus-id<TAB>score"
             )
         qid, did, score = (c.strip() for c in cols)
-        if not score.isdigit():
+        if not (score.isascii() and score.isdigit()):  # "²" and "٣" are digits to str.isdigit, not to int()
             raise DataError(
                 path,
                 number,
@@ -237,18 +242,42 @@ class TrainingLabels:
     views: dict[str, dict[str, str]]
     labelled: set[str]  # ids of the labelled (not synthetic) training queries
 
+    @property
+    def uses_synthetic(self) -> bool:
+        return len(self.qrels) > len(self.labelled)
+
     def positive_text(self, query_id: str, doc_id: str, docs: dict[str, str], template: str) -> str:
         view = self.views.get(query_id)
         return format_doc(view, template) if view else docs[doc_id]
 
 
-def training_labels(data: BeirData, run_dir: str | Path) -> TrainingLabels:
-    """The train split (score > 0) plus `run_dir/synthetic/` (BEIR layout, from notebook 01) against `data`'s
-    corpus, synthetic ids prefixed `synthetic:` so they never collide with labelled ones."""
+def training_labels(data: BeirData, run_dir: str | Path, split_overlap: str = "error") -> TrainingLabels:
+    """The train split (score > 0) plus `run_dir/synthetic/` (BEIR layout, from notebook 01, used only when it was
+    made from this data) against `data`'s corpus, synthetic ids prefixed `synthetic:` so they never collide with
+    labelled ones. A query labelled in train and in dev or test would train on held-out labels: an error, or
+    with `split_overlap="drop"` a warning and the query left out of training."""
+    from .rundir import data_fingerprint
+
     labelled = data.relevant("train") if "train" in data.qrels else {}
+    held_out = {q for split in ("dev", "test") for q in data.qrels.get(split, {})}
+    overlap = sorted(set(labelled) & held_out)
+    if overlap:
+        if split_overlap not in ("error", "drop"):
+            raise ValueError(f'split_overlap must be "error" or "drop", not {split_overlap!r}')
+        listed = f"{', '.join(overlap[:3])}{' ...' if len(overlap) > 3 else ''} ({len(overlap)} in all)"
+        if split_overlap == "error":
+            raise DataError(data.path / "qrels" / "train.tsv", None, f"query ids labelled in train and in dev/test: "
+                            f"{listed}; training on them leaks held-out labels",
+                            "remove them from qrels/train.tsv, or set split_overlap='drop' to train without them")
+        warnings.warn(f"{data.path}: {listed} labelled in train and in dev/test: left out of training", stacklevel=2)
+        labelled = {q: d for q, d in labelled.items() if q not in held_out}
     queries, qrels, views = dict(data.queries), dict(labelled), {}
-    folder = RunDir(run_dir).synthetic
+    run = RunDir(run_dir)
+    folder = run.synthetic
     if (folder / "qrels" / "train.tsv").exists():
+        if not run.current("synthetic", data=data_fingerprint(data.path)):
+            print(f"{folder} was made for other data: not used (run notebook 01 again to remake it)", flush=True)
+            return TrainingLabels(queries, qrels, views, set(labelled))
         rows = read_jsonl(folder / "queries.jsonl", optional=("view_title", "view_text"))
         synthetic = read_qrels(folder / "qrels" / "train.tsv", data.corpus, rows)
         for qid, docs in synthetic.items():

@@ -9,6 +9,7 @@ Batching, length sorting and the progress bar are sentence-transformers' own `en
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +100,28 @@ def encode(
 def corpus_embeddings(model: SentenceTransformer, model_path: str, data, run_dir: str | Path, template: str,
                       batch_size: int = 32) -> np.ndarray:  # fmt: skip
     """The corpus embedded once per model, data and template, cached as `run_dir/cache/corpus-<key>.npy` for every
-    later step (mining, evaluation, Matryoshka, synthetic-query filters)."""
-    from .files import atomic_path
+    later step (mining, evaluation, Matryoshka, synthetic-query filters). Caches of an earlier version of this
+    model (retrained in place) or of other data are deleted."""
+    from .files import atomic_path, write_json
     from .rundir import RunDir, corpus_fingerprint, model_fingerprint
 
-    parts = (model_fingerprint(model_path), corpus_fingerprint(data.corpus), template)
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    path = RunDir(run_dir).cache / f"corpus-{key}.npy"
+    made_from = {"model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+                 "model_fingerprint": model_fingerprint(model_path), "corpus": corpus_fingerprint(data.corpus),
+                 "template": template}  # fmt: skip
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
+    cache = RunDir(run_dir).cache
+    path = cache / f"corpus-{key}.npy"
     if path.exists():
         return np.load(path)
+    for sidecar in cache.glob("corpus-*.json"):  # stale: this model as it was before, or other documents
+        other = json.loads(sidecar.read_text(encoding="utf-8"))
+        changed = {k for k in made_from if other.get(k) != made_from[k]}
+        if changed == {"model_fingerprint"} or "corpus" in changed:
+            sidecar.unlink()
+            sidecar.with_suffix(".npy").unlink(missing_ok=True)
     embeddings = encode(model, list(data.doc_texts(template).values()), "document", batch_size=batch_size)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, embeddings)
+    write_json(path.with_suffix(".json"), made_from)
     return embeddings

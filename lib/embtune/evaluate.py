@@ -16,7 +16,7 @@ from ranx import Qrels, Run, compare, evaluate
 
 from .config import StepConfig
 from .encode import WEB_SEARCH_TASK, corpus_embeddings, query_prompt
-from .rundir import RunDir
+from .rundir import RunDir, data_fingerprint, model_fingerprint
 from .search import dense_run
 
 K_VALUES = (1, 3, 5, 10, 100)
@@ -40,18 +40,33 @@ class EvalConfig(StepConfig):
 
 
 def dense_systems(config: StepConfig) -> dict[str, str]:
-    """The embedders this run has: `base`, and `finetuned` once notebook 03 has written `run_dir/model/`."""
-    systems = {"base": config.base_model}
-    if RunDir(config.run_dir).model.exists():
-        systems["finetuned"] = str(RunDir(config.run_dir).model)
+    """The embedders this run has: `base`, and `finetuned` once notebook 03 has written `run_dir/model/` from
+    this data and this base model (one trained from other inputs is not this run's, and is left out)."""
+    from .models import resolve
+
+    systems, run = {"base": config.base_model}, RunDir(config.run_dir)
+    if run.model.exists():
+        if run.current("model", data=data_fingerprint(config.data_dir),
+                       base_model=model_fingerprint(resolve(config.base_model))):  # fmt: skip
+            systems["finetuned"] = str(run.model)
+        else:
+            print(f"{run.model} was trained from other data or another base model: not scored (run notebook 03)")
     return systems
 
 
 def rerankers(config: EvalConfig) -> dict[str, str]:
-    """The rerankers to put on top of the dense systems: the stock one asked for, and notebook 06's."""
-    found = {"rerank": config.reranker_model} if config.reranker_model else {}
-    if RunDir(config.run_dir).reranker_model.exists():
-        found["tuned_rerank"] = str(RunDir(config.run_dir).reranker_model)
+    """The rerankers to put on top of the dense systems: the stock one asked for, and notebook 06's when it was
+    trained on this data (from that stock reranker, when one is named)."""
+    from .models import resolve
+
+    found, run = ({"rerank": config.reranker_model} if config.reranker_model else {}), RunDir(config.run_dir)
+    if run.reranker_model.exists():
+        base = {"reranker_model": model_fingerprint(resolve(config.reranker_model, "RERANKER"))} \
+            if config.reranker_model else {}  # fmt: skip
+        if run.current("reranker", data=data_fingerprint(config.data_dir), **base):
+            found["tuned_rerank"] = str(run.reranker_model)
+        else:
+            print(f"{run.reranker_model} was trained from other data or another reranker: not scored (run notebook 06)")
     return found
 
 

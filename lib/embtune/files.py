@@ -32,18 +32,41 @@ def atomic_path(path: str | Path):
             os.remove(tmp)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system has no such call."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot swap
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}")
+
+
 @contextmanager
 def replace_dir(path: str | Path):
-    """Yield a temporary folder beside `path`; it replaces `path` (and what was there) if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` (and what was there) if the block succeeds.
+    The old and the new folder are swapped in one step, so `path` is at every moment either complete old or
+    complete new, whenever the process is killed; leftovers of killed runs (hidden `.name.*` folders) go."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if not (path.exists() and _exchange(tmp, path)):
+            if path.exists():  # no atomic swap here: move the old one aside first, then the new one in
+                os.replace(path, Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "old")
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -3,7 +3,8 @@ process, or no LLM at all (inverse cloze task and independent cropping).
 
 The prompt follows the Qwen3-Embedding report's synthesis recipe: each document gets a persona, a query type,
 a difficulty, a length and an output language, with the instructions in English, and the reply is asked for
-as JSON. Replies are parsed leniently (JSON, fenced JSON, or one query per line), since small models stray.
+as JSON. Replies are read as JSON wherever it stands in them (fenced, inside prose, cut off by the token limit);
+a reply with no JSON gives no query, whatever the filters would say of its lines.
 """
 
 from __future__ import annotations
@@ -87,12 +88,11 @@ def _strip_thinking(reply: str) -> str:
     return re.sub(r"<think>.*?(</think>|$)", "", reply or "", flags=re.S).strip()
 
 
-_LABEL = re.compile(r"^\s*(?:(?:[-*•]|\d+[.)]|quer(?:y|ies)\s*\d*\s*:)\s*)+", re.I)  # "1. Query: "
-
-
 def parse_queries(reply: str) -> list[str]:
-    """Queries from a reply: `{"queries": [...]}`, `{"query": ...}`, a JSON list (inside a code fence or prose
-    or not), else one query per line with bullets, numbering, `Query:` labels and quotes removed."""
+    """Queries from a reply that is the JSON asked for: `{"queries": [...]}`, `{"query": ...}` or a list, inside
+    a code fence or prose or not, and the complete queries of JSON cut off by the token limit. Anything else
+    (prose, an error page, reasoning only) gives none: a reply that did not follow the instructions is not
+    trusted to hold a query."""
     text = _strip_thinking(reply)
     decoder = json.JSONDecoder()
     for match in re.finditer(r"[\[{]", text):
@@ -108,14 +108,7 @@ def parse_queries(reply: str) -> list[str]:
             found = [v.get("query") if isinstance(v, dict) else v for v in value]
             return [q.strip() for q in found if isinstance(q, str) and q.strip()]
     salvaged = re.findall(r'"query"\s*:\s*"((?:[^"\\]|\\.)+)"', text)  # from JSON cut off or malformed
-    if salvaged:
-        return [json.loads(f'"{q}"').strip() for q in salvaged]
-    queries = []
-    for line in text.splitlines():
-        line = _LABEL.sub("", line).strip().strip("\"'`")
-        if line and not line.startswith(("```", "{", "[")) and not line.endswith(":"):
-            queries.append(line)
-    return queries
+    return [json.loads(f'"{q}"').strip() for q in salvaged]
 
 
 @dataclass
@@ -128,11 +121,12 @@ class Endpoint:
 
     base_url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # from the environment; never printed or journaled
     concurrency: int = 8
     timeout: float = 60.0
     max_retries: int = 5
-    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, jittered
+    max_wait: float = 120.0  # the longest a Retry-After is honoured
     temperature: float = 0.7
     max_tokens: int = 256
     tokens_used: int = 0
@@ -151,10 +145,13 @@ class Endpoint:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = self.base_url.rstrip("/") + "/chat/completions"
-        problem = ""
+        problem, wait = "", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                # Retry-After when the server names a wait, else exponential back-off; jittered, so parallel
+                # requests that failed together do not all come back at the same moment.
+                time.sleep((wait or self.backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2))
+            wait = 0.0
             try:
                 request = urllib.request.Request(url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -167,15 +164,41 @@ class Endpoint:
                 problem = f"HTTP {e.code} {e.read()[:200].decode(errors='replace')}"
                 if e.code < 500 and e.code not in (408, 429):  # the request itself is wrong: retrying won't help
                     raise GeneratorError(f"{url} refused the request: {problem}") from None
+                wait = _retry_after(e.headers.get("Retry-After"), self.max_wait)
             except (urllib.error.URLError, TimeoutError, OSError) as e:
                 problem = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                 problem = f"malformed response ({type(e).__name__}: {e})"
         raise GeneratorError(f"{url} failed {self.max_retries + 1} times, last: {problem}; rerun to resume")
 
-    def generate(self, prompts: list[str]) -> list[str]:
+    def generate(self, prompts: list[str]) -> list[str | GeneratorError]:
+        """Replies in order; a request that failed after its retries is its GeneratorError, so the replies that
+        arrived can be kept (journaled) before the error stops the run."""
+
+        def reply(prompt):
+            try:
+                return self.chat(prompt)
+            except GeneratorError as e:
+                return e
+
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.chat, prompts))
+            return list(pool.map(reply, prompts))
+
+
+def _retry_after(value: str | None, cap: float) -> float:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), at most `cap`; 0 when absent."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 0.0
+    return min(max(seconds, 0.0), cap)
 
 
 class LocalLM:

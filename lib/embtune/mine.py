@@ -14,18 +14,18 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import StepConfig
+from .config import StepConfig, TrainingData
 from .data import BeirData, TrainingLabels, normalize_text, training_labels
 from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
-from .rundir import RunDir
+from .rundir import RunDir, data_fingerprint, fingerprint, make_manifest, model_fingerprint
 from .search import bm25_top_k, index_memory, top_k
 
 FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
 
 
 @dataclass(kw_only=True)
-class MineConfig(StepConfig):
+class MineConfig(StepConfig, TrainingData):
     candidates: str = "dense"  # dense | bm25 | both
     num_negatives: int = 5
     range_min: int = 0  # skip this many top candidates (after removing the query's positives)
@@ -40,10 +40,10 @@ class MineConfig(StepConfig):
     batch_size: int = 32
 
 
-def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[TrainingLabels, list[tuple[str, str]], dict]:
-    """The training labels, their (query id, positive id) pairs, and every labelled positive of each query in
-    any split (none of which may become one of its negatives)."""
-    labels = training_labels(data, run_dir)
+def training_pairs(data: BeirData, run_dir: str | Path, split_overlap: str = "error"):
+    """(labels, pairs, positives): the training labels, their (query id, positive id) pairs, and every labelled
+    positive of each query in any split (none of which may become one of its negatives)."""
+    labels = training_labels(data, run_dir, split_overlap)
     positives = {q: set(docs) for q, docs in labels.qrels.items()}
     for split in data.qrels:
         for q, docs in data.relevant(split).items():
@@ -52,13 +52,31 @@ def training_pairs(data: BeirData, run_dir: str | Path) -> tuple[TrainingLabels,
     return labels, pairs, positives
 
 
+def manifest(config: MineConfig, model_path: str, labels: TrainingLabels) -> dict:
+    """What the mined negatives are made from: data, embedder, synthetic queries when used, veto, settings."""
+    run = RunDir(config.run_dir)
+    inputs = {"data": data_fingerprint(config.data_dir), "base_model": model_fingerprint(model_path),
+              "synthetic": fingerprint(run.manifest("synthetic")) if labels.uses_synthetic else None,
+              "veto_reranker": model_fingerprint(config.veto_reranker) if config.veto_reranker else None}  # fmt: skip
+    shaping = {k: v for k, v in asdict(config).items() if k not in ("data_dir", "run_dir", "base_model",
+                                                                      "batch_size", "reuse")}  # fmt: skip
+    return make_manifest(inputs, shaping)
+
+
 def mine(model, model_path: str, data: BeirData, config: MineConfig, reranker=None):
     """Hard negatives for every training pair (see `training_pairs`). Returns (rows, stats): one row per
-    (query, positive) in notebook 02's output format, and the counts of what each filter removed.
+    (query, positive) in notebook 02's output format, and the counts of what each filter removed. Negatives a
+    previous run mined from the same inputs and settings are read back instead (`reuse`).
     `reranker`: a loaded reranker for the veto; by default `config.veto_reranker` is loaded when set."""
     from tqdm.auto import tqdm
 
-    labels, pairs, positives = training_pairs(data, config.run_dir)
+    labels, pairs, positives = training_pairs(data, config.run_dir, config.split_overlap)
+    run = RunDir(config.run_dir)
+    made_from = manifest(config, model_path, labels)
+    if run.reusable("hard_negatives", made_from, config.reuse, [run.hard_negatives.parent]):
+        print(f"{run.hard_negatives.parent}: mined from the same inputs and settings; reused", flush=True)
+        rows = [json.loads(line) for line in run.hard_negatives.read_text(encoding="utf-8").splitlines()]
+        return rows, json.loads((run.hard_negatives.parent / "stats.json").read_text(encoding="utf-8"))
     if config.candidates not in ("dense", "bm25", "both") or config.sampling not in ("top", "random"):
         raise ValueError(f"candidates must be dense|bm25|both and sampling top|random, got {config}")
     if reranker is None and config.veto_reranker:
@@ -88,6 +106,7 @@ def mine(model, model_path: str, data: BeirData, config: MineConfig, reranker=No
         "pairs_with_fewer_negatives": 0,
         "unsupervised_pairs": 0,
         "config": asdict(config),
+        "made_from": made_from,
     }
     survivors = []
     for qid, pos_id in tqdm(pairs, desc="Filtering negatives"):
@@ -177,9 +196,12 @@ def _rerank_filter(reranker, survivors, query_text, doc_texts, config: MineConfi
 
 
 def save(rows: list[dict], stats: dict, run_dir: str | Path) -> Path:
-    """`run_dir/hard_negatives/train.jsonl` and `stats.json`, each written whole or not at all."""
-    path = RunDir(run_dir).hard_negatives
-    with atomic_path(path) as tmp:
+    """`run_dir/hard_negatives/train.jsonl` and `stats.json`, each written whole or not at all, and the record
+    of what they were made from (`stats["made_from"]`), written last."""
+    run = RunDir(run_dir)
+    run.forget("hard_negatives")
+    with atomic_path(run.hard_negatives) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    write_json(path.parent / "stats.json", stats)
-    return path.parent
+    write_json(run.hard_negatives.parent / "stats.json", stats)
+    run.record("hard_negatives", stats["made_from"])
+    return run.hard_negatives.parent

@@ -19,7 +19,7 @@ def resolve(name: str, env_var: str = "MODEL") -> str:
     """
     path = Path(name).expanduser()
     if path.exists():
-        return str(path)
+        return str(path.resolve())  # absolute: the notebooks run in their own folder
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelNotFound(f"model folder {name!r} does not exist; point {env_var} at a folder that holds the model")
     try:

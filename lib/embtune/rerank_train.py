@@ -15,16 +15,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import StepConfig
+from .config import StepConfig, TrainingData
 from .data import load_beir, split_train_dev, training_labels
 from .files import replace_dir, write_json
 from .lora import LoraOptions, finish, load_reranker_for_training, plan
 from .rerank import instruction_prompt, is_causal, is_causal_lm
-from .rundir import RunDir, last_complete_checkpoint
+from .rundir import (
+    RunDir,
+    check_outputs,
+    data_fingerprint,
+    fingerprint,
+    last_complete_checkpoint,
+    make_manifest,
+    model_fingerprint,
+)
 
 
 @dataclass(kw_only=True)
-class RerankConfig(StepConfig, LoraOptions):
+class RerankConfig(StepConfig, TrainingData, LoraOptions):
     # base_model is the dense retriever the rerankers re-score (run_dir/model/ when notebook 03 wrote it)
     reranker_model: str = ""  # a Qwen3-Reranker (or any causal LM with yes/no tokens) or a CrossEncoder
     max_negatives: int = 3  # negatives per (query, positive) from notebook 02, each a "no" example
@@ -43,11 +51,15 @@ class RerankConfig(StepConfig, LoraOptions):
 def pointwise_rows(config: RerankConfig) -> dict[str, list]:
     """(query, document, label) columns: each training query's positive (1) and up to `max_negatives` of its
     mined negatives (0). Dev queries are left out."""
-    negatives = RunDir(config.run_dir).hard_negatives
+    run = RunDir(config.run_dir)
+    negatives = run.hard_negatives
     if not negatives.exists():
         raise FileNotFoundError(f"{negatives} is missing: run notebook 02 (hard negatives) first")
+    if not run.current("hard_negatives", data=data_fingerprint(config.data_dir)):
+        raise FileNotFoundError(f"{negatives} was mined from other data: run notebook 02 again first")
     data = load_beir(config.data_dir, limits="off")
-    train_qrels, _ = split_train_dev(data, training_labels(data, config.run_dir), config.seed, config.dev_fraction)
+    labels = training_labels(data, config.run_dir, config.split_overlap)
+    train_qrels, _ = split_train_dev(data, labels, config.seed, config.dev_fraction)
     columns = {"query": [], "document": [], "label": []}
     for line in negatives.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -80,8 +92,20 @@ def train_reranker(config: RerankConfig) -> dict:
     from .merge import merge_adapter
 
     set_seed(config.seed)  # before the model is built: LoRA's initial weights are drawn then
-    out = RunDir(config.run_dir).reranker
+    from .models import resolve
+
+    run = RunDir(config.run_dir)
+    out = run.reranker
+    base = resolve(config.reranker_model, "RERANKER")
+    check_outputs(config.run_dir, reranker_model=base, data_dir=config.data_dir)
     dataset = Dataset.from_dict(pointwise_rows(config))
+    inputs = {"data": data_fingerprint(config.data_dir), "reranker_model": model_fingerprint(base),
+              "hard_negatives": fingerprint(run.manifest("hard_negatives"))}  # fmt: skip
+    shaping = {k: v for k, v in asdict(config).items() if k not in ("data_dir", "run_dir", "base_model", "reuse",
+                                                                      "rerank_top_k", "split")}  # fmt: skip
+    made_from = make_manifest(inputs, shaping)
+    run.reusable("reranker_checkpoints", made_from, config.reuse, [out / "checkpoints"])
+    run.record("reranker_checkpoints", made_from)
     model, how = load_for_training(config)
     kind = "causal LM, P(yes)" if is_causal(model) else "cross-encoder"
     print(f"{kind} | {how}", flush=True)
@@ -121,6 +145,7 @@ def train_reranker(config: RerankConfig) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
     }
+    run.forget("reranker")
     if how.full_finetune:
         with replace_dir(out / "model") as tmp:
             model.save(str(tmp))
@@ -129,4 +154,5 @@ def train_reranker(config: RerankConfig) -> dict:
             model.save(str(tmp))
         merge_adapter(config.reranker_model, out / "adapter", out / "model")
     write_json(out / "train_log.json", log)
+    run.record("reranker", made_from)
     return log

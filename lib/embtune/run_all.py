@@ -47,42 +47,69 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
-def preflight(args: argparse.Namespace) -> dict[str, str]:
-    """Validate the inputs and return the notebook parameters (paths made absolute)."""
-    from .data import DataError, load_beir
+def preflight(args: argparse.Namespace) -> tuple[dict, dict[str, bool]]:
+    """Check everything that can be known before the first notebook starts, and return the notebook parameters
+    (paths absolute: the notebooks run in their own folder) and the conditions notebooks may be skipped on."""
+    from .data import DataError, load_beir, training_labels
     from .generators import UNSUPERVISED
     from .models import resolve
+    from .rundir import RunDir, check_outputs, check_writable, data_fingerprint
 
     data = load_beir(args.data, limits=args.limits)
-    synthetic = Path(args.run) / "synthetic" / "qrels" / "train.tsv"
-    if "train" not in data.qrels and not args.generator and not synthetic.exists():
-        raise DataError(
-            Path(args.data) / "qrels" / "train.tsv",
-            None,
-            "no training labels",
-            "add them, or let notebook 01 write synthetic queries: GENERATOR=ict needs no LLM "
-            "(or GENERATOR=openai:<model> with OPENAI_BASE_URL, or a local causal LM folder)",
-        )
-    params = {
-        "data_dir": str(Path(args.data).resolve()),
-        "run_dir": str(Path(args.run).resolve()),
-        "base_model": resolve(args.model, "MODEL"),
-    }
+    run = Path(args.run).resolve()
+    params = {"data_dir": str(Path(args.data).resolve()), "run_dir": str(run),
+              "base_model": resolve(args.model, "MODEL")}  # fmt: skip
     if args.reranker:
         params["reranker_model"] = resolve(args.reranker, "RERANKER")
     if args.generator:
         local = args.generator not in UNSUPERVISED and not args.generator.startswith("openai:")
         params["generator_model"] = resolve(args.generator, "GENERATOR") if local else args.generator
-    return {**params, **dict(args.param)}
+    params.update(dict(args.param))
+    inputs = {k: params.get(k) for k in ("data_dir", "base_model", "reranker_model", "generator_model")}
+    check_outputs(run, **{k: v for k, v in inputs.items() if v and Path(str(v)).exists()})
+    check_writable(run)
+    labels = training_labels(data, run, params.get("split_overlap", "error"))  # also refuses labels in two splits
+    synthetic = RunDir(run).current("synthetic", data=data_fingerprint(args.data))
+    if not labels.labelled and not args.generator and not synthetic:
+        raise DataError(Path(args.data) / "qrels" / "train.tsv", None, "no training labels",
+                        "add them, or let notebook 01 write synthetic queries: GENERATOR=ict needs no LLM "
+                        "(or GENERATOR=openai:<model> with OPENAI_BASE_URL, or a local causal LM folder)")  # fmt: skip
+    conditions = {"generator_model": bool(params.get("generator_model")),
+                  "reranker_model": bool(params.get("reranker_model")),
+                  "labelled_split": any(s in data.qrels for s in ("test", "dev"))}  # fmt: skip
+    return params, conditions
 
 
-def skip_reason(path: Path, params: dict) -> str | None:
-    """Why a notebook has nothing to do with these parameters (its metadata `embtune.skip_unless` names the
-    parameter it needs, e.g. notebook 01 `generator_model`), or None to run it."""
+def skip_reason(path: Path, conditions: dict[str, bool]) -> str | None:
+    """Why a notebook has nothing to do in this run (its metadata `embtune.skip_unless` names the condition it
+    needs, e.g. notebook 01 `generator_model`), or None to run it."""
     import nbformat
 
     gate = nbformat.read(path, as_version=4).metadata.get("embtune", {}).get("skip_unless")
-    return f"no {gate}" if gate and not params.get(gate) else None
+    return {"generator_model": "no GENERATOR", "reranker_model": "no RERANKER",
+            "labelled_split": "no test or dev labels in DATA to evaluate on"}[gate] \
+        if gate and not conditions[gate] else None  # fmt: skip
+
+
+def clear_outputs(path: Path, run_dir: Path) -> None:
+    """Remove what the notebook writes (its metadata `embtune.outputs`, relative to the run directory) before it
+    runs, so that a failure never leaves an earlier run's results looking current. Resumable state (journals,
+    checkpoints) is not listed there and stays."""
+    import shutil
+
+    import nbformat
+
+    from .rundir import RunDir
+
+    meta = nbformat.read(path, as_version=4).metadata.get("embtune", {})
+    for name in meta.get("outputs", []):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for artifact in meta.get("manifests", []):
+        RunDir(run_dir).forget(artifact)
 
 
 def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
@@ -132,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import DataError
     from .models import ModelNotFound
+    from .rundir import OverlappingPaths
 
     try:
-        params = preflight(args)
-    except (DataError, ModelNotFound) as e:
+        params, conditions = preflight(args)
+    except (DataError, ModelNotFound, OverlappingPaths, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = notebooks(Path(args.notebooks))
@@ -149,23 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: no notebook has the parameter(s) {', '.join(unknown)}; check the spelling", file=sys.stderr)
         return 2
-    out_dir = Path(params["run_dir"]) / "notebooks"
+    run_dir = Path(params["run_dir"])
+    out_dir = run_dir / "notebooks"
     for path in paths:
-        reason = skip_reason(path, params)
+        reason = skip_reason(path, conditions)
         if reason:
             (out_dir / path.name).unlink(missing_ok=True)  # an earlier run's copy would claim it ran
             print(f"== {path.name}: skipped ({reason})", flush=True)
             continue
         print(f"== {path.name}", flush=True)
+        clear_outputs(path, run_dir)
         start = time.perf_counter()
         try:
             run_notebook(path, out_dir, params)
         except PapermillExecutionError as e:
-            print(
-                f"error: {path.name} failed: {e.ename}: {e.evalue}; see {out_dir / (path.stem + '.failed.ipynb')}",
-                file=sys.stderr,
-            )
-            return 1
+            failed = out_dir / f"{path.stem}.failed.ipynb"
+            print(f"error: {path.name} failed: {e.ename}: {e.evalue.splitlines()[0] if e.evalue else ''} "
+                  f"(the notebook with its traceback: {failed})", file=sys.stderr)  # fmt: skip
+            return 2
         print(f"   {path.name}: {time.perf_counter() - start:.0f} s", flush=True)
     print(f"done: {params['run_dir']}")
     return 0

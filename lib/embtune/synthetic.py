@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import StepConfig
+from .config import Reuse, StepConfig
 from .data import BeirData, normalize_text
 from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
@@ -32,14 +32,14 @@ from .generators import (
     parse_queries,
     parse_score,
 )
-from .rundir import RunDir
+from .rundir import RunDir, data_fingerprint, make_manifest, model_fingerprint
 
 FILTERS = ("length", "cosine", "round_trip", "judge", "duplicate")  # in the order they run
 METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (no LLM)"}
 
 
 @dataclass(kw_only=True)
-class SynthConfig(StepConfig, PromptConfig):
+class SynthConfig(StepConfig, Reuse, PromptConfig):
     # base_model is the embedder of the cosine and round-trip filters
     generator_model: str = ""  # "" (nothing to do) | ict | crop | openai:<model> | a causal LM folder, hub name, .gguf
     max_documents: int | None = 1000  # a seeded sample of the corpus; None: every document
@@ -151,6 +151,9 @@ def _filter(rows, seen, model, doc_emb, row_of, config, generator):
         pending = [(r, c) for r, c in pending if "dropped_by" not in c]
     if pending and config.judge_min_score is not None:
         replies = generator.generate([judge_prompt(c["query"], r["document"]) for r, c in pending])
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:  # an unreachable judge must not look like a rejection
+            raise failed
         for (_, cand), reply in zip(pending, replies, strict=True):
             cand["judge"] = parse_score(reply)
             if cand["judge"] is None or cand["judge"] < config.judge_min_score:
@@ -198,12 +201,31 @@ def write_beir(journal: list[dict], folder: Path) -> None:
         tmp.write_text("\n".join(qrels) + "\n", encoding="utf-8")
 
 
+# Settings that change how fast or how far generation goes, not what it makes for a document.
+NOT_SHAPING = {"data_dir", "run_dir", "base_model", "batch_size", "concurrency", "timeout", "max_retries",
+               "max_total_tokens", "base_url", "api_key_env", "reuse", "trust_remote_code"}  # fmt: skip
+
+
+def manifest(config: SynthConfig, model_path: str) -> dict:
+    """What `run_dir/synthetic/` is made from: the data, the filters' embedder, the generator, the settings."""
+    generator = config.generator_model
+    local = generator not in UNSUPERVISED and not generator.startswith("openai:") and os.path.exists(generator)
+    inputs = {"data": data_fingerprint(config.data_dir), "base_model": model_fingerprint(model_path),
+              "generator": model_fingerprint(generator) if local else generator}  # fmt: skip
+    return make_manifest(inputs, {k: v for k, v in asdict(config).items() if k not in NOT_SHAPING})
+
+
 def generate(model, model_path: str, data: BeirData, config: SynthConfig, generator=None) -> dict:
-    """Generate, filter and write `run_dir/synthetic/`; resumes from its journal. Returns the stats."""
+    """Generate, filter and write `run_dir/synthetic/`; resumes from its journal when it was made from the same
+    inputs and settings (else starts over, or stops with `reuse="error"`). Returns the stats."""
     from tqdm.auto import tqdm
 
-    folder = RunDir(config.run_dir).synthetic
+    run = RunDir(config.run_dir)
+    folder = run.synthetic
+    made_from = manifest(config, model_path)
+    run.reusable("synthetic", made_from, config.reuse, [folder])
     folder.mkdir(parents=True, exist_ok=True)
+    run.record("synthetic", made_from)  # the journal below is continued only under this record
     journal_path = folder / "generations.jsonl"
     journal = read_journal(journal_path)
     tokens_before = journal[-1]["tokens_total"] if journal else 0
@@ -230,11 +252,16 @@ def generate(model, model_path: str, data: BeirData, config: SynthConfig, genera
             break
         batch = todo[start : start + config.batch_size]
         rngs = [random.Random(f"{config.seed}:{d}") for d in batch]
+        failed = None
         if generator is None:
             prompts = replies = [None] * len(batch)
         else:
             prompts = [build_prompt(docs[d], config, r) for d, r in zip(batch, rngs, strict=True)]
             replies = generator.generate(prompts)
+            # The replies that arrived are journaled before a failed request stops the run (rerun to resume).
+            answered = [i for i, r in enumerate(replies) if not isinstance(r, Exception)]
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            batch, rngs, prompts, replies = ([x[i] for i in answered] for x in (batch, rngs, prompts, replies))
         rows = []
         for doc_id, rng, prompt, reply in zip(batch, rngs, prompts, replies, strict=True):
             made = _candidates(doc_id, data, config, generator, rng, reply)
@@ -260,8 +287,16 @@ def generate(model, model_path: str, data: BeirData, config: SynthConfig, genera
         kept, dropped = kept + batch_kept, dropped + sum(len(row["queries"]) for row in rows) - batch_kept
         bar.update(len(batch))
         bar.set_postfix(kept=kept, dropped=dropped)
+        if failed is not None:
+            bar.close()
+            raise failed
     bar.close()
     stats = summarise(journal, config)
     write_beir(journal, folder)
     write_json(folder / "stats.json", stats)
+    if journal and not stats["kept"]:
+        removed = ", ".join(f"{n} by {f}" for f, n in stats["removed"].items() if n)
+        raise GeneratorError(f"no synthetic query passed the filters ({stats['generated']} made for "
+                             f"{stats['documents']} documents; removed {removed or 'none: no query parsed'}): loosen "
+                             "min_cosine or round_trip_k, or use another generator")  # fmt: skip
     return stats

@@ -26,17 +26,28 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import StepConfig
+from .config import StepConfig, TrainingData
 from .data import BeirData, TrainingLabels, load_beir, split_train_dev, training_labels
 from .encode import query_prompt
 from .files import replace_dir, write_json
 from .lora import LoraOptions, Plan, finish, load_embedder_for_training, plan
 from .losses import build_loss
-from .rundir import RunDir, last_complete_checkpoint
+from .rundir import (
+    RunDir,
+    check_outputs,
+    data_fingerprint,
+    fingerprint,
+    last_complete_checkpoint,
+    make_manifest,
+    model_fingerprint,
+)
+
+# Settings that do not change what training makes, only where it goes or what is done with it afterwards.
+NOT_SHAPING = {"data_dir", "run_dir", "base_model", "merge_dtype", "merge_with_base", "reuse"}
 
 
 @dataclass(kw_only=True)
-class TrainConfig(StepConfig, LoraOptions):
+class TrainConfig(StepConfig, TrainingData, LoraOptions):
     # loss
     loss: str = "qwen3"  # qwen3 | cached_qwen3 | mnrl | cached_mnrl | triplet
     temperature: float = 0.05
@@ -71,13 +82,31 @@ def load_for_training(config: TrainConfig):
     return model, finish(model, how)
 
 
-def training_dataset(data: BeirData, labels: TrainingLabels, train_qrels: dict, config: TrainConfig):
-    """Rows (anchor, positive[, negative_1..n]) from notebook 02's hard negatives when present, else pairs
-    from the train labels plus notebook 01's synthetic queries. Dev queries never enter training."""
+def inputs(config: TrainConfig, labels: TrainingLabels) -> dict[str, str | None]:
+    """Fingerprints of what training reads: the data, the base model, notebook 01's synthetic queries and notebook
+    02's hard negatives when it uses them (mined from this data and these synthetic queries)."""
+    from .models import resolve
+
+    run = RunDir(config.run_dir)
+    found = {"data": data_fingerprint(config.data_dir), "base_model": model_fingerprint(resolve(config.base_model)),
+             "synthetic": fingerprint(run.manifest("synthetic")) if labels.uses_synthetic else None}  # fmt: skip
+    mined = run.hard_negatives.exists() and run.current("hard_negatives", data=found["data"],
+                                                         synthetic=found["synthetic"])  # fmt: skip
+    if run.hard_negatives.exists() and not mined:
+        print(f"{run.hard_negatives} was mined from other data or queries: not used (run notebook 02 again)")
+    found["hard_negatives"] = fingerprint(run.manifest("hard_negatives")) if mined else None
+    return found
+
+
+def training_dataset(data: BeirData, labels: TrainingLabels, train_qrels: dict, config: TrainConfig,
+                     hard_negatives: bool = True):  # fmt: skip
+    """Rows (anchor, positive[, negative_1..n]) from notebook 02's hard negatives when `hard_negatives` (and they
+    exist), else pairs from the train labels plus notebook 01's synthetic queries. Dev queries never enter
+    training."""
     from datasets import Dataset, DatasetDict
 
     negatives_file = RunDir(config.run_dir).hard_negatives
-    if negatives_file.exists():
+    if hard_negatives and negatives_file.exists():
         rows = [json.loads(line) for line in negatives_file.read_text(encoding="utf-8").splitlines() if line]
         rows = [r for r in rows if r["query_id"] in train_qrels]
         k = config.max_negatives
@@ -157,6 +186,7 @@ class Training:
     config: TrainConfig
     trainer: object  # a SentenceTransformerTrainer
     plan: Plan
+    made_from: dict  # the checkpoints' manifest
     prompt: str  # the query prompt training used, saved with the model
     n_train_rows: int
     n_dev_queries: int
@@ -171,14 +201,23 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     from sentence_transformers.base.training_args import BatchSamplers
     from transformers import set_seed
 
+    from .models import resolve
+
+    check_outputs(config.run_dir, base_model=resolve(config.base_model), data_dir=config.data_dir)
     set_seed(config.seed)  # before the model is built: LoRA's initial weights are drawn then
     data = load_beir(config.data_dir, limits="off")
-    labels = training_labels(data, config.run_dir)
+    labels = training_labels(data, config.run_dir, config.split_overlap)
     train_qrels, dev_qrels = split_train_dev(data, labels, config.seed, config.dev_fraction)
+    run = RunDir(config.run_dir)
+    read = inputs(config, labels)
+    made_from = make_manifest(read, {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_SHAPING})
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a DDP run looks after the run directory
+        run.reusable("checkpoints", made_from, config.reuse, [run.checkpoints])  # stale checkpoints are not resumed
+        run.record("checkpoints", made_from)
     model, how = load_for_training(config)
     print(how, flush=True)
     prompt = query_prompt(model, config.instruction)
-    dataset = training_dataset(data, labels, train_qrels, config)
+    dataset = training_dataset(data, labels, train_qrels, config, read["hard_negatives"] is not None)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
     loss = build_loss(config.loss, model, config.temperature, config.matryoshka_dims, config.mini_batch_size,
                       gather_across_devices=distributed)  # fmt: skip
@@ -214,7 +253,8 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
                                          callbacks=[_final_step_callback(), *(callbacks or [])])  # fmt: skip
-    return Training(config, trainer, how, prompt, sum(len(d) for d in sets), len(dev_qrels), bool(labels.labelled))
+    return Training(config, trainer, how, made_from, prompt, sum(len(d) for d in sets), len(dev_qrels),
+                    bool(labels.labelled))  # fmt: skip
 
 
 def save_outputs(training: Training, seconds: float) -> dict:
@@ -244,6 +284,7 @@ def save_outputs(training: Training, seconds: float) -> dict:
     }
     if not trainer.is_world_process_zero():
         return log
+    run.forget("model")  # until the new outputs are complete, nothing claims to be current
     model = trainer.model
     model.prompts = {**model.prompts, "query": training.prompt, "document": model.prompts.get("document", "")}
     t = config.merge_with_base if config.merge_with_base is not None else (1.0 if training.labelled else 0.5)
@@ -264,6 +305,9 @@ def save_outputs(training: Training, seconds: float) -> dict:
     log["finetuned_model"] = str(trained)
     write_json(run.train_log, log)
     plot_training(log, run.root / "train_loss.png")
+    made = {**training.made_from, "params": {**training.made_from["params"], "merge_with_base": t,
+                                             "merge_dtype": config.merge_dtype}}  # fmt: skip
+    run.record("model", made)
     return log
 
 
