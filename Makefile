@@ -14,7 +14,7 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository
+.PHONY: setup test run-all smoke bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository
 
 # What the notebooks need (`make run-all`); tests and lint add requirements-dev.txt, benchmarks the SmolLM2 GGUF.
 setup: $(STAMP)
@@ -88,6 +88,12 @@ repository:
 
 fixtures: setup
 	$(PY) -m embtune.fixtures "$(OUT)"
+
+# The whole suite on the tiny random models, in a few minutes: every notebook runs, nothing learns much.
+smoke: setup
+	$(PY) -m embtune.fixtures runs/smoke/fixtures
+	$(PY) -m embtune.run_all --data "$(DATA)" --model runs/smoke/fixtures/tiny-qwen3-embedding \
+		--reranker runs/smoke/fixtures/tiny-qwen3-reranker --run runs/smoke/run --param rerank_top_k=20
 
 clean:
 	rm -rf runs fixtures .pytest_cache .ruff_cache lib/*.egg-info

@@ -8,20 +8,27 @@ negatives notebook 02 mines with its defaults — same batch size, same rows, sa
 runs in its own process so peak memory is its own. Scores are on the test split; numbers go to
 docs/BENCHMARKS.md.
 
-    python bench/train_quality.py [--datasets scifact wikiqa] [--mined scifact] [--epochs N]
+    python bench/train_quality.py [--datasets scifact wikiqa] [--mined scifact] [--epochs N] [--systems ours ...]
+
+`--systems` (a system, or dataset/system) reruns only those; the other rows are carried over from the last results
+file with the date they were measured on (the `measured` column), so a change to our recipe does not cost the stock
+recipe's hour again.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    DOCS,
     SHARED,
     in_own_process,
     markdown_table,
@@ -35,6 +42,16 @@ from common import (  # noqa: E402
 from embtune.train import TrainConfig  # noqa: E402
 
 BATCH, SEQ = 32, 256
+SYSTEMS = ["base", "stock", "ours", "ours+mined"]
+RESULTS = DOCS / "benchmarks" / "train_quality.json"
+
+
+def carried() -> list[dict]:
+    """The last results file's rows, each with the date it was measured on."""
+    if not RESULTS.exists():
+        return []
+    last = json.loads(RESULTS.read_text())
+    return [{"shipped_t": "", **r, "measured": r.get("measured", last["date"])} for r in last["rows"]]
 
 
 def stock_recipe(data_dir: str, out: str, epochs: float) -> None:
@@ -89,7 +106,7 @@ def one(dataset: str, system: str, epochs: float) -> dict:
                 model = load_embedder(minilm_path(), device="cpu")
                 config = MineConfig(data_dir=data_dir, run_dir=run_dir, base_model=minilm_path())  # its defaults
                 save(*mine(model, minilm_path(), load_beir(data_dir, limits="off"), config), run_dir)
-            train(
+            log = train(
                 TrainConfig(
                     base_model=minilm_path(),
                     data_dir=data_dir,
@@ -106,6 +123,7 @@ def one(dataset: str, system: str, epochs: float) -> dict:
         "dataset": dataset,
         "system": system,
         **scores,
+        "shipped_t": log["merge_with_base"] if system.startswith("ours") else "",
         "train_s": round(train_seconds, 1) if system != "base" else 0.0,
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -117,6 +135,8 @@ def main():
     parser.add_argument("--mined", nargs="*", default=["scifact"], help="data sets to also train on mined negatives")
     default_epochs = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "epochs")
     parser.add_argument("--epochs", type=float, default=default_epochs, help="default: our recipe's")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS,
+                        help="rerun these (a system, or dataset/system); carry the others over")  # fmt: skip
     parser.add_argument("--one", nargs=2, metavar=("DATASET", "SYSTEM"))
     args = parser.parse_args()
     if args.one:
@@ -125,14 +145,21 @@ def main():
     rows = []
     for dataset in args.datasets:
         for system in ("base", "stock", "ours", *(["ours+mined"] if dataset in args.mined else [])):
-            rows.append(in_own_process(__file__, dataset, system, "--epochs", str(args.epochs)))
-            print(rows[-1], flush=True)
-    table = markdown_table(rows, ["dataset", "system", "ndcg@10", "mrr@10", "recall@100", "train_s", "peak_rss_mb"])
+            if system in args.systems or f"{dataset}/{system}" in args.systems:
+                row = in_own_process(__file__, dataset, system, "--epochs", str(args.epochs))
+                rows.append({**row, "measured": date.today().isoformat()})
+                print(rows[-1], flush=True)
+            else:
+                rows += [r for r in carried() if (r["dataset"], r["system"]) == (dataset, system)]
+    columns = ["dataset", "system", "ndcg@10", "mrr@10", "recall@100", "shipped_t", "train_s", "peak_rss_mb"]
+    table = markdown_table(rows, [*columns, "measured"])
     section = (
         f"## Fine-tuning quality: all-MiniLM-L6-v2, test split\n\n"
         f"`bench/train_quality.py`: base, the stock sentence-transformers recipe (MNRL, in-batch negatives), "
         f"our default recipe on in-batch negatives (`ours`) and on notebook 02's mined negatives (`ours+mined`, "
-        f"which includes the mining time), batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} tokens, on the CPU."
+        f"which includes the mining time); `shipped_t` is the slerp weight toward the trained model that the run "
+        f"chose on dev and shipped as model/ (0: the base); batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} "
+        f"tokens, on the CPU."
         f"\n\n" + table
     )
     save_results("train_quality", {"batch_size": BATCH, "epochs": args.epochs, "rows": rows}, section)

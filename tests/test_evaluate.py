@@ -4,6 +4,8 @@ import pytest
 from embtune.evaluate import (
     METRICS,
     dense_runs,
+    error_examples,
+    fusion_weight,
     per_query,
     report_markdown,
     score,
@@ -42,19 +44,26 @@ def test_significance_and_wins_losses():
     assert sig["finetuned"]["ndcg@10"]["significant"] and sig["finetuned"]["ndcg@10"]["delta"] > 0
     same = significance(qrels, {"base": bad, "finetuned": bad})
     assert not same["finetuned"]["mrr@10"]["significant"]
-    table = wins_losses(qrels, bad, good, {q: q.upper() for q in qrels})
+    table = wins_losses(qrels, {"base": bad, "finetuned": good}, {q: q.upper() for q in qrels})
     assert tally(table) == {"wins": 29, "ties": 0, "losses": 1}
     assert table.iloc[0]["query_id"] == "q0" and table.iloc[0]["delta"] < 0
+    assert list(table.columns) == ["query_id", "query", "base", "finetuned", "delta"]
+    docs = {"x": "an unrelated page", **{f"d{i}": f"page {i}" for i in range(30)}}
+    errors = error_examples(table, qrels, good, docs)
+    assert errors == [{"query": "Q0", "gold": "page 0", "retrieved_instead": "an unrelated page", "gold_rank": None,
+                       "delta": -0.6309}]  # fmt: skip
     result = {
         "data_dir": "d",
         "split": "test",
         "n_queries": 30,
         "n_docs": 31,
+        "instruction": None,
         "systems": {"base": score(qrels, bad), "finetuned": score(qrels, good)},
         "significance": sig,
         "wins_losses": {"finetuned vs base": tally(table)},
+        "errors": errors,
     }
-    report = report_markdown(result, table)
+    report = report_markdown(result)
     assert "| finetuned | 0.9667†" in report and "29 wins, 0 ties, 1 losses" in report and "Q0" in report
 
 
@@ -76,3 +85,24 @@ def test_ndcg_equals_sentence_transformers_evaluator(minilm, pydocs_minilm):
     theirs = evaluator(minilm)
     assert ours["ndcg@10"] == pytest.approx(theirs[f"{evaluator.primary_metric}"], abs=0.005)
     assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample
+
+
+def test_fusion_weight_is_zero_for_a_random_reranker_and_high_for_a_perfect_one():
+    """The two-stage weight is chosen on dev queries: a reranker that scores at random must get weight 0, so the
+    fused system is the first stage (never worse than dense); one that knows the answers must get the most weight."""
+    rng = np.random.default_rng(0)
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(60)}
+    # A decent first stage: the relevant document somewhere in the top 5 of 30.
+    first = {}
+    for i, q in enumerate(qrels):
+        others = [f"n{i}_{j}" for j in range(29)]
+        order = others[: i % 5] + [f"d{i}"] + others[i % 5 :]
+        first[q] = {d: 1.0 - r / 30 for r, d in enumerate(order)}
+    random_scores = {q: {d: float(rng.random()) for d in ranked} for q, ranked in first.items()}
+    weight, curve = fusion_weight(qrels, first, random_scores, top_k=30)
+    assert weight == 0.0 and [p["weight"] for p in curve] == [w / 10 for w in range(11)]
+    assert curve[0]["ndcg@10"] == pytest.approx(score(qrels, first, ["ndcg@10"])["ndcg@10"])
+    perfect = {q: {d: float(d in qrels[q]) for d in ranked} for q, ranked in first.items()}
+    weight, curve = fusion_weight(qrels, first, perfect, top_k=30)
+    # The least weight that puts every relevant document first (ties go to less of the reranker).
+    assert 0 < weight < 1 and {p["weight"]: p["ndcg@10"] for p in curve}[weight] == 1.0

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import papermill as pm
@@ -18,7 +19,8 @@ from conftest import ROOT, SAMPLES
 from embtune.evaluate import HEADLINE, METRICS
 from embtune.run_all import notebooks
 
-ORDER = ["01_synthetic_queries", "02_hard_negatives", "03_train", "04_matryoshka", "05_evaluate", "06_reranker"]
+ORDER = ["01_synthetic_queries", "02_hard_negatives", "03_train", "04_matryoshka", "05_evaluate", "06_reranker",
+         "07_export"]  # fmt: skip
 # Each notebook's config class; every parameter is one of its fields, except these notebook-only knobs.
 CONFIGS = {
     "01_synthetic_queries": "embtune.synthetic:SynthConfig",
@@ -27,8 +29,9 @@ CONFIGS = {
     "04_matryoshka": "embtune.mrl:MrlConfig",
     "05_evaluate": "embtune.evaluate:EvalConfig",
     "06_reranker": "embtune.rerank_train:RerankConfig",
+    "07_export": "embtune.export:ExportConfig",
 }
-NOTEBOOK_ONLY = {"lib_source", "slerp_ts", "ood_sts_file"}
+NOTEBOOK_ONLY = {"lib_source", "example_query"}
 
 
 def run_all(*args, env=None, timeout=900):
@@ -38,10 +41,11 @@ def run_all(*args, env=None, timeout=900):
 
 @pytest.fixture(scope="class")
 def tiny_run(tiny_models, tmp_path_factory):
-    """`make run-all` on pydocs with the tiny models, the stock reranker set: 01 skipped, 02-06 run."""
+    """`make run-all` on the Chinese sample (data_samples/manpages_zh) with the tiny models and the stock reranker
+    set: 01 skipped, 02-07 run."""
     tiny_embedding, tiny_reranker = tiny_models
     run = tmp_path_factory.mktemp("tiny") / "run"
-    args = ["--data", str(SAMPLES / "pydocs"), "--model", str(tiny_embedding), "--run", str(run)]
+    args = ["--data", str(SAMPLES / "manpages_zh"), "--model", str(tiny_embedding), "--run", str(run)]
     result = run_all(*args, "--reranker", str(tiny_reranker), "--param", "rerank_top_k=20")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
@@ -51,32 +55,51 @@ def test_notebooks_are_numbered_in_pipeline_order():
     assert [p.stem for p in notebooks()] == ORDER
 
 
-class TestTinyRun:
-    """`make run-all` on pydocs with the tiny models, read by each test (one run for all of them; pytest-xdist's
-    --dist loadscope keeps a class on one worker)."""
+def images(path) -> int:
+    """How many PNG images an executed notebook displays."""
+    nb = nbformat.read(path, as_version=4)
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
-    def test_run_all_runs_the_notebooks_in_order_and_skips_what_has_nothing_to_do(self, tiny_run):
+
+class TestTinyRun:
+    """`make run-all` on the Chinese sample with the tiny models, read by each test (one run for all of them;
+    pytest-xdist's --dist loadscope keeps a class on one worker). Every step works in a script without spaces."""
+
+    def test_run_all_runs_the_notebooks_in_order_and_ends_with_the_headline(self, tiny_run):
         run, result = tiny_run
         announced = [line[3:] for line in result.stdout.splitlines() if line.startswith("== ")]
         assert announced == ["01_synthetic_queries.ipynb: skipped (no GENERATOR)",
                              *[f"{n}.ipynb" for n in ORDER[1:]]]  # fmt: skip
+        assert all(f"   {n}.ipynb: " in result.stdout for n in ORDER[1:])  # each notebook's seconds
         assert sorted(p.name for p in (run / "notebooks").iterdir()) == [f"{n}.ipynb" for n in ORDER[1:]]
+        tail = result.stdout.split("done: ", 1)[1]
+        assert "test split, 120 queries" in tail and "system" in tail and "finetuned+tuned_rerank" in tail
+        assert f"report: {run / 'report.md'}" in tail and f"executed notebooks: {run / 'notebooks'}" in tail
+
+    def test_every_promised_plot_shows_in_the_notebook(self, tiny_run):
+        run, _ = tiny_run
+        shown = {n: images(run / "notebooks" / f"{n}.ipynb") for n in ORDER[1:]}
+        # 02: scores histogram; 03: curves, merge; 04: dimensions; 05: systems; 06 and 07 show tables only
+        assert shown == {"02_hard_negatives": 1, "03_train": 2, "04_matryoshka": 1, "05_evaluate": 1,
+                         "06_reranker": 0, "07_export": 0}, shown  # fmt: skip
 
     def test_02_mines_negatives_for_every_training_pair(self, tiny_run):
         run, _ = tiny_run
         rows = [json.loads(line) for line in (run / "hard_negatives" / "train.jsonl").read_text().splitlines()]
         stats = json.loads((run / "hard_negatives" / "stats.json").read_text())
-        assert len(rows) == stats["pairs"] == 276 and stats["kept"] == sum(len(r["negative_ids"]) for r in rows) > 0
+        assert len(rows) == stats["pairs"] == 288 and stats["kept"] == sum(len(r["negative_ids"]) for r in rows) > 0
         assert all(r["positive_id"] not in r["negative_ids"] for r in rows)
         assert list((run / "cache").glob("corpus-*.npy"))
         assert not (run / "synthetic").exists()  # 01 is skipped: the sample has train labels
 
-    def test_03_trains_on_them_and_evaluates_the_last_step(self, tiny_run):
+    def test_03_trains_evaluates_from_step_0_and_ships_the_best_on_dev(self, tiny_run):
         run, _ = tiny_run
         log = json.loads((run / "train_log.json").read_text())
-        assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 276 and log["n_dev_queries"] == 69
-        assert log["eval_curve"][-1]["step"] == log["steps"] > 0
-        assert (run / "model" / "modules.json").exists() and (run / "train_loss.png").exists()
+        assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 288 and log["n_dev_queries"] == 72
+        steps = [p["step"] for p in log["eval_curve"]]
+        assert steps[0] == 0 and len(steps) >= 4 and steps[-1] == log["steps"]  # the base, then along the way
+        assert log["merge_with_base"] in [p["t"] for p in log["merge_curve"]]
+        assert (run / "model" / "modules.json").exists() and (run / "finetuned" / "modules.json").exists()
 
     def test_04_scores_every_dimension_and_precision(self, tiny_run):
         run, _ = tiny_run
@@ -86,33 +109,40 @@ class TestTinyRun:
         assert set(mrl["quantized"]["finetuned"]) == {"float32", "float16", "int8", "int8+rescore", "binary",
                                                       "binary+rescore"}  # fmt: skip
         assert mrl["recommended_dim"] in (64, 32) and len(mrl["storage"]) == 3 * 2 * 4
-        assert (run / "mrl.png").read_bytes()[:4] == b"\x89PNG"
 
-    def test_05_scores_every_system(self, tiny_run):
+    def test_05_and_06_report_every_system_the_run_trained(self, tiny_run):
         run, _ = tiny_run
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["split"] == "test" and metrics["n_queries"] == 115 and metrics["n_docs"] == 639
-        assert list(metrics["systems"]) == ["base", "finetuned", "bm25", "hybrid", "hybrid_wsum", "base+rerank",
-                                            "finetuned+rerank"]  # fmt: skip
-        assert metrics["systems"]["bm25"]["ndcg@10"] > metrics["systems"]["base"]["ndcg@10"]  # random tiny embedder
+        assert metrics["split"] == "test" and metrics["n_queries"] == 120 and metrics["n_docs"] == 635
+        assert list(metrics["systems"]) == ["base", "finetuned", "bm25", "hybrid", "hybrid_wsum", "finetuned+rerank",
+                                            "finetuned+rerank fused", "finetuned+tuned_rerank",
+                                            "finetuned+tuned_rerank fused"]  # fmt: skip
+        # Chinese BM25 (character bigrams) finds the documents a random tiny embedder cannot
+        assert metrics["systems"]["bm25"]["ndcg@10"] > 0.3 > metrics["systems"]["base"]["ndcg@10"]
+        assert metrics["queries_without_results"]["bm25"] < 5
         for values in metrics["systems"].values():
             assert set(values) == set(METRICS) and all(0 <= v <= 1 for v in values.values())
             assert values["recall@100"] >= values["recall@10"] >= values["recall@1"]
-        assert metrics["systems"]["finetuned"] != metrics["systems"]["base"]
         assert set(metrics["significance"]["finetuned"]) == set(HEADLINE)
-        ablation = metrics["instruction_ablation"]["base"]
-        assert set(ablation) == {"with_instruction", "without_instruction"}
-        assert ablation["with_instruction"]["ndcg@10"] == metrics["systems"]["base"]["ndcg@10"]  # Qwen's prompt
-        assert sum(metrics["wins_losses"]["finetuned vs base"].values()) == 115
+        assert set(metrics["fusion"]) == {"finetuned+rerank fused", "finetuned+tuned_rerank fused"}
+        assert metrics["general"]["base"] and metrics["matryoshka"]["recommended_dim"] in (64, 32)
+        assert sum(metrics["wins_losses"]["finetuned vs base"].values()) == 120
+        assert all({"query", "gold", "retrieved_instead"} <= set(e) for e in metrics["errors"])
         report = (run / "report.md").read_text()
-        assert "| finetuned |" in report and "Instruction ablation" in report and "115 queries" in report
+        for words in ("| finetuned |", "Instruction ablation", "120 queries", "General skill kept", "Matryoshka",
+                      "Biggest losses", "retrieved first instead", "the reranker's weight in the fused score",
+                      "finetuned+tuned_rerank"):  # fmt: skip
+            assert words in report, words
         assert (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+        card = (run / "model" / "README.md").read_text()
+        assert "language: zh" in card and "NDCG@10 went from" in card and "base_model: " in card
 
     def test_06_trains_the_reranker_and_compares_it_with_the_stock_one(self, tiny_run):
         run, _ = tiny_run
         assert (run / "reranker" / "model" / "chat_template.jinja").exists()
         reranked = json.loads((run / "reranker" / "metrics.json").read_text())
-        assert list(reranked["systems"]) == ["base", "stock_rerank", "tuned_rerank"]
+        assert list(reranked["systems"]) == ["base", "finetuned", "finetuned+rerank", "finetuned+rerank fused",
+                                             "finetuned+tuned_rerank", "finetuned+tuned_rerank fused"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ORDER)
@@ -226,7 +256,10 @@ def test_unreachable_hub_stops_in_seconds_with_one_line(tmp_path, offline):
     result = run_all(*args, env=env, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert "Qwen/Qwen3-Embedding-0.6B" in line and "MODEL=" in line and "local folder" in line
+    assert "Qwen/Qwen3-Embedding-0.6B" in line and "local folder" in line
+    assert "`hf download Qwen/Qwen3-Embedding-0.6B --local-dir models/Qwen3-Embedding-0.6B`" in line
+    minilm = line.rsplit("`make run-all MODEL=", 1)[1].rstrip("`")  # a model this machine has, that runs now
+    assert (Path(minilm) / "modules.json").exists() and "all-MiniLM-L6-v2" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -243,3 +276,27 @@ def test_an_installed_wheel_finds_its_notebooks(tmp_path):
     found = ast.literal_eval(out)
     assert [os.path.basename(p)[:-6] for p in found] == ORDER
     assert all(p.startswith(str(tmp_path / "site")) for p in found)
+
+    def test_07_exports_both_models_to_onnx_and_proves_them_equal_to_the_trained_ones(self, tiny_run):
+        run, _ = tiny_run
+        parity = json.loads((run / "export" / "parity.json").read_text())
+        assert set(parity) == {"embedder", "reranker"}
+        for name, results in parity.items():
+            checked = {r["target"]: r for r in results if "skipped" not in r}
+            assert set(checked) == {"onnx", "onnx-int8"}, name
+            assert all(r["passed"] for r in checked.values()), checked
+        assert (run / "export" / "onnx" / "onnx" / "model.onnx").exists()
+        assert "Instruct: " in (run / "export" / "SERVING.md").read_text()  # the client adds the query prompt
+        assert (run / "export" / "reranker" / "SERVING.md").exists()
+        assert "## Served = trained (notebook 07)" in (run / "report.md").read_text()
+
+    def test_the_readme_use_your_model_snippet_runs_on_the_run(self, tiny_run):
+        """README's "Use your model" code, on this run's folders (push_to_hub needs the network: not run)."""
+        run, _ = tiny_run
+        readme = (ROOT / "README.md").read_text()
+        code = readme.split("## Use your model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        code = "\n".join(line for line in code.splitlines() if "push_to_hub" not in line)
+        scope = {}
+        exec(code.replace("runs/mine", str(run)), scope)  # noqa: S102
+        assert scope["q"].shape == scope["d"].shape and scope["q"].shape[0] == 1
+        assert scope["reranker"].predict([("a query", "a document")]).shape == (1,)

@@ -234,27 +234,60 @@ def test_killed_run_resumes_to_the_same_files(llm_server, corpus, minilm_path, t
 
 def test_ict_and_crop_are_seeded_and_take_the_query_out():
     doc = {"title": "Paris", "text": DOCS["eiffel"] + " " + DOCS["volcano"]}
-    query, view = ict(doc, random.Random(1), keep=0.0)
-    assert query in doc["text"] and query not in view["text"] and view["title"] == "Paris"
-    assert ict(doc, random.Random(1), keep=0.0) == (query, view)
+    query, view, form = ict(doc, random.Random(1), keep=0.0)
+    assert form == "sentences" and query in doc["text"] and query not in view["text"] and view["title"] == "Paris"
+    assert ict(doc, random.Random(1), keep=0.0) == (query, view, form)
     assert ict({"title": "", "text": "One sentence only."}, random.Random(0)) is None
-    q, v = crop(doc, random.Random(2))
+    q, v, _ = crop(doc, random.Random(2))
     assert q in doc["text"] and v["text"] in doc["text"] and 2 <= len(q.split()) <= len(doc["text"].split()) // 2
     chinese = {"title": "", "text": "埃菲尔铁塔位于巴黎，于一八八九年建成，是为了世界博览会而建造的铁塔。"}
-    q, v = crop(chinese, random.Random(0))
-    assert q in chinese["text"] and " " not in q  # characters, not whitespace-separated words
+    q, v, form = crop(chinese, random.Random(0))
+    assert q in chinese["text"] and " " not in q and form == "characters"  # characters, not spaced words
+
+
+# Documents with no sentence punctuation: source code, table rows, log lines, an identifier list.
+UNPUNCTUATED = [
+    "def read_config(path):\n    with open(path) as f:\n        data = json.load(f)\n    return validate(data)",
+    "class LRUCache:\n    def __init__(self, size):\n        self.size = size\n        self.items = OrderedDict()",
+    "name | role | since\nalice | admin | 2019\nbob | editor | 2021\ncarol | viewer | 2023",
+    "2024-01-03 12:00:01 INFO starting worker 3\n2024-01-03 12:00:02 WARN queue depth 812\n"
+    "2024-01-03 12:00:09 ERROR worker 3 timed out after 30 s",
+    "SELECT user_id, count(*) FROM orders WHERE created_at > now() - interval 7 day GROUP BY user_id",
+    "kubectl rollout restart deployment api-gateway --namespace production",
+    "rsync -avz --delete ./build/ deploy@web01:/srv/www/site/ && systemctl reload nginx",
+    "ERR_CONNECTION_RESET net::ERR_TIMED_OUT DNS_PROBE_FINISHED_NXDOMAIN SSL_ERROR_BAD_CERT_DOMAIN",
+    "用户 订单 支付 退款 物流 仓库 库存 供应商 采购 财务 报表 审计",
+    "import numpy as np\nimport pandas as pd\nfrom sklearn.model_selection import train_test_split\nX, y = load()",
+]
+
+
+@pytest.mark.parametrize("method", [ict, crop])
+def test_no_llm_generators_make_pairs_for_documents_without_sentences(method):
+    made = [method({"title": "", "text": t}, random.Random(i)) for i, t in enumerate(UNPUNCTUATED)]
+    assert sum(m is not None for m in made) >= 0.9 * len(UNPUNCTUATED)
+    for text, m in zip(UNPUNCTUATED, made, strict=True):
+        if m:
+            query, view, form = m
+            assert query and view["text"] and form in ("lines", "words", "characters")
+            pieces = [query] if form == "characters" else query.split()  # characters are joined without spaces
+            assert all(p in text.replace(" " if form == "characters" else "\0", "") for p in pieces)
+            assert len(query) < len(text)
 
 
 def test_ict_without_an_llm_writes_training_views(corpus, minilm, minilm_path, tmp_path):
     data = load_beir(corpus, limits="off")
     stats = generate(minilm, minilm_path, data, synth_config(tmp_path, "ict", corpus, min_cosine=None))
     assert stats["generator"] == "inverse cloze task (no LLM)"
-    assert stats["kept"] == len(DOCS) - 1 and stats["documents_without_queries"] == 1  # "tower" is one sentence
+    assert stats["kept"] == len(DOCS) and stats["documents_without_queries"] == 0
+    # "tower" is one sentence: a span of its words is the query there
+    assert stats["by_form"] == {"sentences": {"made": len(DOCS) - 1, "kept": len(DOCS) - 1},
+                                "words": {"made": 1, "kept": 1}}  # fmt: skip
     labels = training_labels(data, tmp_path)
     for qid, docs in labels.qrels.items():
         [doc] = docs
         view = labels.views[qid]["text"]
-        assert labels.queries[qid] in data.corpus[doc]["text"] and view in data.corpus[doc]["text"]
+        text = data.corpus[doc]["text"]
+        assert labels.queries[qid] in text and all(word in text for word in view.split())
 
 
 def test_local_causal_lm_generates_in_process(tiny_models, corpus, tiny_embedding, tmp_path):

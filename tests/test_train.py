@@ -52,17 +52,38 @@ def trained(tiny_models, tmp_path_factory):
     return run_dir, log
 
 
-def test_training_writes_adapter_model_and_log(trained):
+def test_training_writes_adapter_model_and_log(trained, tiny_embedding, tmp_path):
+    """The log and plots; the dev curve starts at step 0 (the base); model/ is the slerp at the t of the grid with
+    the best dev NDCG@10, finetuned/ the model as trained."""
     run_dir, log = trained
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     assert log["backend"].startswith("sentence-transformers + peft | none | LoRA r=16")
     assert "mixed precision fp32" in log["backend"]  # the CPU
     saved = json.loads((run_dir / "train_log.json").read_text())
-    assert [p["step"] for p in saved["eval_curve"]] == [3, 6]
+    assert [p["step"] for p in saved["eval_curve"]] == [0, 3, 6]
     assert saved["loss_curve"] and saved["seconds"] > 0 and saved["peak_memory_mb"] > 0
     assert saved["n_dev_queries"] == 69  # pydocs has a dev split
-    assert (run_dir / "train_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert saved["merge_with_base"] == 1.0 and not (run_dir / "finetuned").exists()  # human labels: as trained
+    assert all((run_dir / name).read_bytes()[:4] == b"\x89PNG" for name in ("train_loss.png", "merge.png"))
+    curve = saved["merge_curve"]
+    assert [p["t"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0] and all(p["se"] > 0 for p in curve)
+    best = max(curve, key=lambda p: (p["ndcg@10"], -p["t"]))
+    assert saved["merge_with_base"] == best["t"] and str(best["t"]) in saved["merge_why"]
+    expected = slerp_models(tiny_embedding, run_dir / "finetuned", best["t"], tmp_path / "expected")
+    np.testing.assert_allclose(encode(load_embedder(str(run_dir / "model"), device="cpu"), TEXTS),
+                               encode(load_embedder(str(expected), device="cpu"), TEXTS), atol=1e-6)  # fmt: skip
+
+
+def test_what_ships_is_the_base_when_training_hurts_on_dev(minilm_path, tmp_path):
+    """Planted: a learning rate that wrecks all-MiniLM-L6-v2 in a few steps. On dev nothing beats the base, so
+    model/ is the base model, and the run says so."""
+    log = train(TrainConfig(base_model=minilm_path, data_dir=str(SAMPLES / "pydocs"), run_dir=str(tmp_path / "run"),
+                            max_steps=6, eval_steps=6, batch_size=16, learning_rate=5e-3, max_seq_length=64,
+                            eval_corpus_size=200))  # fmt: skip
+    curve = {p["t"]: p["ndcg@10"] for p in log["merge_curve"]}
+    assert curve[1.0] < curve[0.0] - 0.1 and log["merge_with_base"] == 0.0
+    assert log["merge_why"].startswith("model/ is the base model (t = 0.0)")
+    shipped, base = (load_embedder(p, device="cpu") for p in (str(tmp_path / "run" / "model"), minilm_path))
+    np.testing.assert_allclose(encode(shipped, TEXTS), encode(base, TEXTS), atol=1e-6)
 
 
 def test_merged_model_loads_with_plain_sentence_transformers(trained, tiny_embedding):
@@ -88,7 +109,7 @@ def test_merged_model_loads_with_plain_sentence_transformers(trained, tiny_embed
 def test_merge_equals_adapter_and_changes_the_model(trained, tiny_embedding):
     """Queries (each model's own query prompt) and documents: the merged model encodes as the adapter does."""
     run_dir, _ = trained
-    merged, adapter, base = (load_embedder(str(p), device="cpu") for p in (run_dir / "model", run_dir / "adapter",
+    merged, adapter, base = (load_embedder(str(p), device="cpu") for p in (run_dir / "finetuned", run_dir / "adapter",
                                                                             tiny_embedding))  # fmt: skip
     for kind in ("query", "document"):
         np.testing.assert_allclose(encode(merged, TEXTS, kind), encode(adapter, TEXTS, kind), atol=1e-4)
@@ -104,11 +125,11 @@ def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding, tmp_path):
     run_dir, _ = trained
 
     def at(t):
-        folder = slerp_models(tiny_embedding, run_dir / "model", t, tmp_path / f"t{t}")
+        folder = slerp_models(tiny_embedding, run_dir / "finetuned", t, tmp_path / f"t{t}")
         return load_embedder(str(folder), device="cpu")
 
     base = encode(load_embedder(str(tiny_embedding), device="cpu"), TEXTS, progress=False)
-    tuned = encode(load_embedder(str(run_dir / "model"), device="cpu"), TEXTS, progress=False)
+    tuned = encode(load_embedder(str(run_dir / "finetuned"), device="cpu"), TEXTS, progress=False)
     np.testing.assert_allclose(encode(at(0.0), TEXTS, progress=False), base, atol=1e-5)
     np.testing.assert_allclose(encode(at(1.0), TEXTS, progress=False), tuned, atol=1e-5)
     half = at(0.5)
@@ -125,7 +146,7 @@ def test_merge_equals_peft_merge_and_unload(trained, tiny_embedding):
     run_dir, _ = trained
     reference = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_embedding), run_dir / "adapter")
     expected = reference.merge_and_unload().state_dict()
-    merged = load_file(run_dir / "model" / "model.safetensors")
+    merged = load_file(run_dir / "finetuned" / "model.safetensors")
     assert merged.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(merged[name], value, atol=1e-6, rtol=1e-5)
@@ -154,7 +175,7 @@ def test_merge_reads_an_adapter_folder_as_unsloth_writes_it(trained, tiny_embedd
     with pytest.raises(Exception, match="model.safetensors|no file named"):
         load_embedder(str(adapter), device="cpu")  # what the old merge did first
     merged = load_embedder(str(merge_adapter(str(tiny_embedding), adapter, tmp_path / "merged")), device="cpu")
-    expected = load_embedder(str(run_dir / "model"), device="cpu")
+    expected = load_embedder(str(run_dir / "finetuned"), device="cpu")
     for kind in ("query", "document"):
         np.testing.assert_allclose(encode(merged, TEXTS, kind), encode(expected, TEXTS, kind), atol=1e-4)
 

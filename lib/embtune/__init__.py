@@ -1,9 +1,16 @@
 """embtune: the library under the notebook suite for fine-tuning Qwen3-Embedding / Qwen3-Reranker
 (or any sentence-transformers model) for retrieval on one GPU."""
 
+import logging
 import os
 
 __version__ = "0.1.0"
+
+# Warnings that read like errors in an executed notebook and mean nothing here: torchao still registers enums with
+# torch's pytree (deprecated, harmless), and bitsandbytes fails to fetch an optional CPU kernel from the hub, a
+# kernel training turns off anyway (embtune.lora.keep_4bit_differentiable).
+for _name in ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def _import_unsloth_first() -> None:

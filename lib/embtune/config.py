@@ -40,7 +40,14 @@ class Reuse:
 
 
 @dataclass(kw_only=True)
-class TrainingData(Reuse):
+class TrainingData:
     """For the steps that read the training labels."""
 
     split_overlap: str = "error"  # a query labelled in train and in dev/test: "error" stops; "drop" trains without it
+
+
+@dataclass(kw_only=True)
+class DevSplit:
+    """For the steps that choose on the dev queries (all hold out the same ones: `data.split_train_dev`)."""
+
+    dev_fraction: float | None = None  # held out of train without a dev split; None: 15 %, 50 to 300 queries

@@ -36,6 +36,29 @@ def format_doc(doc: dict[str, str], template: str = DEFAULT_DOC_TEMPLATE) -> str
     return template.format(**doc).strip() if doc["title"] else doc["text"]
 
 
+# Scripts written without spaces between words (a regex character class): Thai, Lao, Myanmar, Khmer, Hiragana,
+# Katakana and the CJK ideographs.
+NO_SPACES = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+
+
+def spaceless(text: str) -> bool:
+    """Whether most letters of the text are of a script written without spaces (words are then characters)."""
+    letters = re.findall(r"[^\W\d_]", text)
+    return sum(bool(re.match(f"[{NO_SPACES}]", ch)) for ch in letters) * 2 > len(letters)
+
+
+def language(texts: list[str]) -> str:
+    """A language code for a model card, from the script of the texts: zh, ja, ko, en (mostly Latin letters), else
+    "multilingual". A guess from the script alone; a Latin-script corpus in another language says en."""
+    sample = "".join(texts[:200])
+    counts = {code: sum(low <= ch <= high for ch in sample) for code, (low, high) in
+              {"zh": ("\u4e00", "\u9fff"), "ja": ("\u3040", "\u30ff"), "ko": ("\uac00", "\ud7af"),
+               "en": ("a", "z")}.items()}  # fmt: skip
+    counts["en"] += sum("A" <= ch <= "Z" for ch in sample)
+    code = "ja" if counts["ja"] > counts["zh"] / 10 and counts["ja"] else max(counts, key=counts.get)
+    return code if counts[code] > len(sample) / 4 else "multilingual"
+
+
 def normalize_text(text: str) -> str:
     """The form in which two texts count as the same: case, punctuation and spacing ignored."""
     return re.sub(r"\W+", " ", text).strip().casefold()
@@ -320,9 +343,19 @@ def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
     return problems
 
 
-def split_train_dev(data: BeirData, labels: TrainingLabels, seed: int = 42, dev_fraction: float = 0.1):
+def dev_size(n: int, fraction: float | None = None) -> int:
+    """How many of n labelled queries to hold out as dev when the data has no dev split: enough to tell the merge
+    and fusion candidates apart (the standard error of a mean NDCG@10 falls as 1/sqrt(queries)) without starving
+    training: 15 %, at least 50 and at most 300, never more than a quarter; none under 40. `fraction` forces one."""
+    if fraction is not None:
+        return int(n * fraction)
+    return 0 if n < 40 else min(n // 4, max(50, min(300, round(0.15 * n))))
+
+
+def split_train_dev(data: BeirData, labels: TrainingLabels, seed: int = 42, dev_fraction: float | None = None):
     """(train qrels, dev qrels): the data's own dev split, else a seeded slice of the labelled training queries
-    (of the synthetic ones too when fewer than 20 are labelled). Notebooks 03 and 06 hold out the same queries."""
+    (`dev_size`), or of the synthetic ones when too few are labelled. Notebooks 03, 05 and 06 hold out the same
+    queries, and nothing is ever tuned on the test split."""
     if not labels.qrels:
         raise DataError(
             data.path / "qrels" / "train.tsv",
@@ -332,8 +365,7 @@ def split_train_dev(data: BeirData, labels: TrainingLabels, seed: int = 42, dev_
         )
     if "dev" in data.qrels:
         return labels.qrels, data.relevant("dev")
-    pool = sorted(labels.labelled) if len(labels.labelled) >= 20 else sorted(labels.qrels)
+    pool = sorted(labels.labelled) if dev_size(len(labels.labelled), dev_fraction) else sorted(labels.qrels)
     random.Random(seed).shuffle(pool)
-    n_dev = min(200, int(len(pool) * dev_fraction)) if len(pool) >= 20 else 0
-    dev_ids = set(pool[:n_dev])
+    dev_ids = set(pool[: dev_size(len(pool), dev_fraction)])
     return {q: d for q, d in labels.qrels.items() if q not in dev_ids}, {q: labels.qrels[q] for q in dev_ids}

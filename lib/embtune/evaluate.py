@@ -7,15 +7,17 @@ are all scored the same way. Which systems a run has, and the schema of `metrics
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from ranx import Qrels, Run, compare, evaluate
 
-from .config import StepConfig
-from .encode import WEB_SEARCH_TASK, corpus_embeddings, query_prompt
+from .config import DevSplit, StepConfig, TrainingData
+from .encode import WEB_SEARCH_TASK, corpus_embeddings, encode, query_prompt
 from .rundir import RunDir, data_fingerprint, model_fingerprint
 from .search import dense_run
 
@@ -25,7 +27,7 @@ HEADLINE = ["ndcg@10", "mrr@10", "map@10", "recall@10", "recall@100", "precision
 
 
 @dataclass(kw_only=True)
-class EvalConfig(StepConfig):
+class EvalConfig(StepConfig, TrainingData, DevSplit):
     split: str | None = None  # None: "test", else "dev"
     top_k: int = 100  # documents retrieved per query (the deepest metric cut-off)
     batch_size: int = 32
@@ -37,6 +39,8 @@ class EvalConfig(StepConfig):
     hybrid_weights: list[float] | None = None  # dense and BM25 weights of the weighted sum; None: equal
     reranker_model: str | None = None  # a stock reranker: adds the two-stage systems
     rerank_top_k: int = 100  # dense candidates the reranker re-scores per query
+    general_sts: str | None = "auto"  # the general-skill check: "auto" the bundled STS sample, a file, None off
+    general_drop: float = 5.0  # warn when the shipped model loses more Spearman points (x100) than this
 
 
 def dense_systems(config: StepConfig) -> dict[str, str]:
@@ -103,6 +107,74 @@ def dense_system(model, model_path: str, data, queries: dict[str, str], config: 
     return {"run": main, "ablation": runs, "query_prompt": prompt, "seconds": round(time.perf_counter() - start, 1)}
 
 
+def side_by_side(models: dict[str, str], query: str, data, run_dir, template: str, k: int = 5) -> pd.DataFrame:
+    """Each model's top k documents for one query, in columns (corpus embeddings from the run's cache)."""
+    from .models import load_embedder, resolve
+
+    columns = {}
+    for name, path in models.items():
+        path = resolve(path)
+        model = load_embedder(path)
+        doc_emb = corpus_embeddings(model, path, data, run_dir, template)
+        ranked = dense_run(model, {"query": query}, doc_emb, list(data.corpus), None, k)["query"]
+        columns[name] = [f"{(data.corpus[d]['title'] or d)[:40]}: {data.corpus[d]['text'][:80]}" for d in ranked]
+    return pd.DataFrame(columns, index=pd.RangeIndex(1, k + 1, name=query[:60]))
+
+
+def dev_split(data, config: EvalConfig) -> tuple[dict[str, str], dict]:
+    """(queries, dev qrels): the dev queries notebooks 03 and 06 held out, for choosing without touching the
+    evaluation split; none when the data has no training labels (evaluation-only data)."""
+    from .data import split_train_dev, training_labels
+
+    labels = training_labels(data, config.run_dir, config.split_overlap)
+    if not labels.qrels:
+        return {}, {}
+    return labels.queries, split_train_dev(data, labels, config.seed, config.dev_fraction)[1]
+
+
+def two_stage(reranker, first: dict, queries: dict[str, str], docs: dict[str, str], config: EvalConfig,
+              dev: tuple[dict, dict, dict] | None = None) -> dict:  # fmt: skip
+    """A reranker on top of a first-stage run: the pure reranked run and, when dev queries are given as (their
+    first-stage run, their texts, their qrels), the fused run with the reranker's weight chosen on them."""
+    from .rerank import fuse_scores, rerank
+
+    k, instruction = config.rerank_top_k, config.instruction
+    out = {"rerank": rerank(reranker, queries, first, docs, k, instruction)}
+    if dev and dev[2]:
+        dev_first, dev_queries, dev_qrels = dev
+        weight, curve = fusion_weight(dev_qrels, dev_first, rerank(reranker, dev_queries, dev_first, docs, k,
+                                                                   instruction), k)  # fmt: skip
+        out["fused"] = fuse_scores(first, out["rerank"], weight, k)
+        out["fusion"] = {"weight": weight, "dev_queries": len(dev_qrels),
+                         "dev_ndcg@10": max(p["ndcg@10"] for p in curve), "curve": curve}  # fmt: skip
+    return out
+
+
+def dev_corpus(data, dev_qrels: dict, size: int, seed: int, template: str) -> dict[str, str]:
+    """The documents dev queries are searched in: their positives and a seeded sample of the others, `size` in all
+    (thousands of documents score in seconds; a candidate model of the moment gets no cache)."""
+    docs = data.doc_texts(template)
+    keep = {d for ds in dev_qrels.values() for d in ds}
+    others = sorted(set(docs) - keep)
+    random.Random(seed).shuffle(others)
+    keep |= set(others[: max(0, size - len(keep))])
+    return {d: docs[d] for d in sorted(keep)}
+
+
+def dense_ndcg(model, queries: dict[str, str], qrels: dict, docs: dict[str, str], instruction: str | None = None,
+               batch_size: int = 32) -> dict[str, float]:  # fmt: skip
+    """Per-query NDCG@10 of a model on labelled queries, searching `docs`."""
+    doc_emb = encode(model, list(docs.values()), "document", batch_size=batch_size, progress=False)
+    run = dense_run(model, {q: queries[q] for q in qrels}, doc_emb, list(docs), instruction, 100, batch_size)
+    return per_query(qrels, run)
+
+
+def mean_se(values) -> tuple[float, float]:
+    """The mean and its standard error (how far the mean over these queries may be from the mean over more)."""
+    values = np.asarray(list(values), dtype=float)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def _ranx(qrels: dict, run: dict, name: str = "run") -> tuple[Qrels, Run]:
     return Qrels(qrels), Run({q: docs for q, docs in run.items() if docs}, name=name)
 
@@ -147,12 +219,13 @@ def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", met
     return out
 
 
-def wins_losses(qrels: dict, base_run: dict, other_run: dict, queries: dict[str, str],
-                metric: str = "ndcg@10") -> pd.DataFrame:  # fmt: skip
-    """Per-query `metric` of two systems, sorted from the biggest loss to the biggest win."""
-    base, other = per_query(qrels, base_run, metric), per_query(qrels, other_run, metric)
-    table = pd.DataFrame([{"query_id": q, "query": queries[q], "base": base[q], "other": other[q]} for q in base])
-    table["delta"] = table["other"] - table["base"]
+def wins_losses(qrels: dict, runs: dict[str, dict], queries: dict[str, str], metric: str = "ndcg@10") -> pd.DataFrame:
+    """Per-query `metric` of two systems (the first is the reference), sorted from the biggest loss to the biggest
+    win, the columns named after the systems."""
+    (ref, ref_run), (other, other_run) = runs.items()
+    a, b = per_query(qrels, ref_run, metric), per_query(qrels, other_run, metric)
+    table = pd.DataFrame([{"query_id": q, "query": queries[q], ref: a[q], other: b[q]} for q in a])
+    table["delta"] = table[other] - table[ref]
     return table.sort_values(["delta", "query_id"]).reset_index(drop=True)
 
 
@@ -165,16 +238,65 @@ def tally(table: pd.DataFrame, tolerance: float = 1e-9) -> dict[str, int]:
     }
 
 
-def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, systems: dict[str, str],
+def error_examples(table: pd.DataFrame, qrels: dict, run: dict, docs: dict[str, str], n: int = 5) -> list[dict]:
+    """The `n` biggest losses of a wins/losses table, each with its query, its gold document and what the system
+    retrieved first instead (texts cut to 160 characters)."""
+    rows = []
+    for row in table[table["delta"] < 0].head(n).itertuples():
+        ranked = sorted(run.get(row.query_id, {}), key=run[row.query_id].get, reverse=True)
+        gold = max(qrels[row.query_id], key=qrels[row.query_id].get)
+        instead = next((d for d in ranked if d not in qrels[row.query_id]), None)
+        rows.append({"query": row.query, "gold": docs[gold][:160], "retrieved_instead": docs[instead][:160]
+                     if instead else "", "gold_rank": ranked.index(gold) + 1 if gold in ranked else None,
+                     "delta": round(float(row.delta), 4)})  # fmt: skip
+    return rows
+
+
+def fusion_weight(qrels: dict, first: dict, reranked: dict, top_k: int, grid=None,
+                  alpha: float = 0.05) -> tuple[float, list[dict]]:  # fmt: skip
+    """The weight of the reranker in the two-stage score (`rerank.fuse_scores`) with the best NDCG@10 on `qrels`
+    (the dev queries), kept only when that beats weight 0 (the first stage alone) in a one-sided paired t-test at
+    `alpha`: on a few dozen dev queries a useless reranker otherwise wins a weight by chance.
+    Returns (weight, curve)."""
+    from scipy.stats import ttest_rel
+
+    from .rerank import fuse_scores
+
+    grid = grid or [round(w / 10, 1) for w in range(11)]
+    per = {w: per_query(qrels, fuse_scores(first, reranked, w, top_k)) for w in grid}
+    curve = [{"weight": w, "ndcg@10": float(np.mean(list(per[w].values())))} for w in grid]
+    best = max(curve, key=lambda p: (p["ndcg@10"], -p["weight"]))  # ties: less of the reranker
+    if best["weight"] == 0 or 0 not in per:
+        return best["weight"], curve
+    ids = sorted(per[0])
+    gain = ttest_rel([per[best["weight"]][q] for q in ids], [per[0][q] for q in ids], alternative="greater")
+    return (best["weight"] if gain.pvalue < alpha else 0.0), curve
+
+
+def general_skill(models: dict[str, object], path: str | None) -> dict:
+    """Spearman (x100) of each model on a general STS set: how much of the base's general skill fine-tuning kept.
+    `path` "auto" is the bundled sample (data_samples/sts_general/en.tsv, STS Benchmark pairs, CC BY-SA 4.0)."""
+    from . import tasks
+
+    if not path:
+        return {}
+    file = tasks.general_sts_file() if path == "auto" else path
+    pairs = tasks.load_sts(file)
+    return {"file": str(file), **{name: round(tasks.sts(m, *pairs)["spearman"], 2) for name, m in models.items()}}
+
+
+def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, models: dict[str, str],
                    scores: dict, sig: dict, ablation: dict, wins: dict, empty: dict[str, int], seconds: dict,
-                   tasks: dict | None = None) -> dict:  # fmt: skip
-    """The run's `metrics.json`: what was scored, on what, and the numbers."""
+                   **parts) -> dict:  # fmt: skip
+    """The run's `metrics.json`: what was scored, on what, and the numbers. `parts` adds the optional sections:
+    "fusion" (two-stage weights chosen on dev), "general" (general skill kept), "errors" (the biggest losses with
+    their documents), "matryoshka" (notebook 04's recommendation), "tasks" (classification, clustering, STS)."""
     record = {
         "split": split,
         "n_queries": n_queries,
         "n_docs": n_docs,
         "data_dir": str(config.data_dir),
-        "models": systems,
+        "models": models,
         "instruction": config.instruction,
         "metrics": METRICS,
         "systems": scores,
@@ -184,9 +306,69 @@ def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, 
         "wins_losses": wins,
         "seconds": seconds,
     }
-    if tasks:
-        record["tasks"] = tasks
-    return record
+    return {**record, **{k: v for k, v in parts.items() if v}}
+
+
+def dense_baseline(systems: dict[str, dict]) -> str:
+    """The dense system the run ships: the fine-tuned one when there is one."""
+    return "finetuned" if "finetuned" in systems else "base"
+
+
+def systems_table(result: dict, metrics: list[str] = HEADLINE) -> pd.DataFrame:
+    """The headline metrics of every system as text, with the report's marks: † significant against `base`, and
+    "worse than dense: not recommended" for a system below the dense system the run ships."""
+    sig, dense = result.get("significance", {}), dense_baseline(result["systems"])
+    rows = {}
+    for name, values in result["systems"].items():
+        marks = {m: "†" if sig.get(name, {}).get(m, {}).get("significant") else "" for m in metrics}
+        row = {m: f"{values[m]:.4f}{marks[m]}" for m in metrics}
+        below = values["ndcg@10"] < result["systems"][dense]["ndcg@10"] and name not in ("base", "bm25")
+        row["note"] = "worse than dense: not recommended" if below else ""
+        rows[name] = row
+    return pd.DataFrame(rows).T
+
+
+def add_systems(run_dir, scores: dict, sig: dict, **parts) -> dict:
+    """Add systems scored after notebook 05 (notebook 06's rerankers) and sections (`parts`: notebook 07's
+    "export" checks) to `metrics.json` and write `report.md` again, so the report holds all the run made."""
+    import json
+
+    from .files import write_json, write_text
+
+    run = RunDir(run_dir)
+    result = json.loads(run.metrics.read_text(encoding="utf-8"))
+    result["systems"].update(scores)
+    result["significance"].update({k: v for k, v in sig.items() if k not in ("test", "baseline", "max_p")})
+    for key, value in parts.items():
+        result[key] = {**result.get(key, {}), **value}
+    write_json(run.metrics, result)
+    write_text(run.report, report_markdown(result))
+    return result
+
+
+def write_model_card(run_dir, result: dict, base_model: str, language: str) -> None:
+    """The fine-tuned model's card (`model/README.md`, which `push_to_hub` uploads): the base model, the language,
+    the base's licence and the gain measured on the held-out split, in front of sentence-transformers' card."""
+    import re
+
+    from .files import write_text
+
+    card = RunDir(run_dir).model / "README.md"
+    if "finetuned" not in result["systems"] or not card.parent.exists():
+        return
+    base_card = Path(base_model) / "README.md"
+    found = re.search(r"^license:\s*(\S+)", base_card.read_text(encoding="utf-8"), re.M) if base_card.exists() else None
+    licence = found.group(1) if found else "unknown"
+    base, tuned = result["systems"]["base"]["ndcg@10"], result["systems"]["finetuned"]["ndcg@10"]
+    body = re.sub(r"\A---\n.*?\n---\n", "", card.read_text(encoding="utf-8") if card.exists() else "", flags=re.S)
+    front = (f"---\nbase_model: {base_model}\nlanguage: {language}\nlicense: {licence}\n"
+             "library_name: sentence-transformers\ntags: [sentence-transformers, embtune, retrieval]\n---\n")
+    summary = (f"# Fine-tuned with embtune\n\nBase model: `{base_model}`. Language: {language}. Licence: the base "
+               f"model's ({licence}).\n\nOn the held-out `{result['split']}` split of `{result['data_dir']}` "
+               f"({result['n_queries']:,} queries, {result['n_docs']:,} documents), NDCG@10 went from {base:.4f} "
+               f"(base) to {tuned:.4f} (this model), {tuned - base:+.4f}.\n\nQueries need the instruction in the "
+               "model's `prompts['query']` (`model.encode_query` adds it); documents none.\n\n")  # fmt: skip
+    write_text(card, front + summary + body)
 
 
 def plot_systems(systems: dict[str, dict[str, float]], path=None, metrics: list[str] = HEADLINE):
@@ -206,7 +388,7 @@ def plot_systems(systems: dict[str, dict[str, float]], path=None, metrics: list[
     ax.set_xticks(x, metrics)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("score")
-    ax.legend(loc="upper left", ncols=len(systems), fontsize=8)
+    ax.legend(loc="upper left", ncols=min(4, len(systems)), fontsize=8)
     fig.tight_layout()
     if path is not None:
         with atomic_path(path) as tmp:
@@ -214,29 +396,46 @@ def plot_systems(systems: dict[str, dict[str, float]], path=None, metrics: list[
     return fig
 
 
-def report_markdown(result: dict, examples: pd.DataFrame | None = None, n_examples: int = 5) -> str:
-    """A readable report of `metrics.json`: systems with significance marks, the ablation, wins/losses."""
-    sig = result.get("significance", {})
-    lines = [
-        f"# Retrieval evaluation: {result['data_dir']}",
-        "",
-        f"Split `{result['split']}`: {result['n_queries']:,} queries, {result['n_docs']:,} documents.",
-        "",
-        "| system | " + " | ".join(HEADLINE) + " |",
-        "|---|" + "---|" * len(HEADLINE),
-    ]
-    for name, values in result["systems"].items():
-        cells = []
-        for m in HEADLINE:
-            mark = "†" if sig.get(name, {}).get(m, {}).get("significant") else ""
-            cells.append(f"{values[m]:.4f}{mark}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(result: dict) -> str:
+    """A readable report of `metrics.json`: what was scored; every system with significance marks and the ones
+    not to deploy in red; two-stage weights; general skill; Matryoshka; the ablation; the biggest losses."""
+    sig, dense = result.get("significance", {}), dense_baseline(result["systems"])
+    lines = [f"# Retrieval evaluation: {result['data_dir']}", "",
+             f"Split `{result['split']}`: {result['n_queries']:,} queries, {result['n_docs']:,} documents. "
+             f"Instruction: {result['instruction'] or 'the model’s own query prompt'}.", ""]  # fmt: skip
+    lines += [f"- `{name}`: {path}" for name, path in result.get("models", {}).items()]
+    table = systems_table(result)
+    lines += ["", "| system | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for name, row in table.iterrows():
+        label = f'<span style="color:red">{name} (worse than dense: not recommended)</span>' if row["note"] else name
+        lines.append(f"| {label} | " + " | ".join(row[m] for m in HEADLINE) + " |")
     if sig:
-        lines += ["", f"† differs from `{sig['baseline']}` at p < {sig['max_p']} ({sig['test']} paired test)."]
+        lines += ["", f"† differs from `{sig['baseline']}` at p < {sig['max_p']} ({sig['test']} paired test). Systems "
+                  f"below `{dense}`, the dense system this run ships, are marked in red."]  # fmt: skip
     empty = {name: n for name, n in result.get("queries_without_results", {}).items() if n}
     if empty:
-        listed = ", ".join(f"{name} {n}" for name, n in empty.items())
+        listed = ", ".join(f"{k} {v}" for k, v in empty.items())
         lines += ["", f"Queries a system retrieved nothing for (scored 0): {listed}."]
+    for name, fusion in result.get("fusion", {}).items():
+        verdict = "the reranker does not help here" if fusion["weight"] == 0 else f"weight {fusion['weight']}"
+        lines += ["", f"`{name}`: the reranker's weight in the fused score, chosen on {fusion['dev_queries']} dev "
+                  f"queries: {verdict} (dev NDCG@10 {fusion['dev_ndcg@10']:.4f})."]  # fmt: skip
+    general = result.get("general")
+    if general:
+        scored = {k: v for k, v in general.items() if k not in ("file", "warning")}
+        lines += ["", "## General skill kept", "", f"Spearman x100 on `{general['file']}`: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in scored.items()) + "."]  # fmt: skip
+        if general.get("warning"):
+            lines += ["", f'<span style="color:red">{general["warning"]}</span>']
+    mrl = result.get("matryoshka")
+    if mrl:
+        lines += ["", "## Matryoshka", "", f"Smallest dimension within {mrl['tolerance']:.0%} of the full NDCG@10: "
+                  f"**{mrl['recommended_dim']}** ({mrl['bytes_per_vector']:,} bytes a vector in float32; "
+                  f"{mrl['million_docs']} for a million documents)."]  # fmt: skip
     if result.get("instruction_ablation"):
         lines += ["", "## Instruction ablation (NDCG@10)", "",
                   "| system | with instruction | without | change |", "|---|---|---|---|"]  # fmt: skip
@@ -247,11 +446,27 @@ def report_markdown(result: dict, examples: pd.DataFrame | None = None, n_exampl
     for comparison, counts in result.get("wins_losses", {}).items():
         lines += ["", f"## Per-query NDCG@10: {comparison}", "",
                   f"{counts['wins']} wins, {counts['ties']} ties, {counts['losses']} losses."]  # fmt: skip
-    if examples is not None and len(examples):
-        losses, wins = examples[examples["delta"] < 0], examples[examples["delta"] > 0]
-        for title, rows in (("Biggest losses", losses.head(n_examples)), ("Biggest wins", wins.tail(n_examples)[::-1])):
-            lines += ["", f"### {title}", "", "| query | base | other | delta |", "|---|---|---|---|"]
-            for row in rows.itertuples():
-                query = row.query.replace("|", "\\|")[:120]
-                lines.append(f"| {query} | {row.base:.3f} | {row.other:.3f} | {row.delta:+.3f} |")
+    if result.get("errors"):
+        lines += ["", "### Biggest losses", "",
+                  "| query | gold document (its rank) | retrieved first instead | change |", "|---|---|---|---|"]
+        for e in result["errors"]:
+            lines.append(f"| {_cell(e['query'][:120])} | {_cell(e['gold'])} ({e['gold_rank'] or '>100'}) | "
+                         f"{_cell(e['retrieved_instead'])} | {e['delta']:+.3f} |")  # fmt: skip
+    if result.get("export"):
+        from .export import parity_table
+
+        lines += ["", "## Served = trained (notebook 07)", "", "Each export against the model it came from "
+                  "(`export/parity.json`; `export/SERVING.md` says how to serve it)."]  # fmt: skip
+        for name, results in result["export"].items():
+            lines += ["", f"**{name}**", "", parity_table(results)]
     return "\n".join(lines) + "\n"
+
+
+def headline(result: dict) -> str:
+    """The few lines `make run-all` ends with: NDCG@10 and Recall@100 of every system, with the report's marks."""
+    table = systems_table(result, ["ndcg@10", "recall@100"])
+    width = max(len(name) for name in table.index)
+    lines = [f"{'system':<{width}}  ndcg@10   recall@100"]
+    lines += [f"{name:<{width}}  {row['ndcg@10']:<9} {row['recall@100']:<10} {row['note']}".rstrip()
+              for name, row in table.iterrows()]  # fmt: skip
+    return "\n".join(lines)

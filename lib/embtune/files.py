@@ -79,3 +79,11 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def bundled(in_clone: str, in_package: str) -> Path:
+    """A folder or file shipped with the suite: `in_clone`, relative to a clone of the repository (an editable
+    install), else `in_package` inside the installed package (pyproject.toml maps it there in the wheel)."""
+    here = Path(__file__).resolve().parent
+    clone = here.parents[1] / in_clone
+    return clone if here.parent.name == "lib" and clone.exists() else here / in_package

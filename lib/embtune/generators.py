@@ -20,6 +20,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .data import spaceless
+
 UNSUPERVISED = ("ict", "crop")
 PERSONAS = [
     "a domain expert checking a detail",
@@ -255,26 +257,65 @@ class LocalLM:
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])")
 
 
+def _units(text: str) -> tuple[str, list[str], str]:
+    """The pieces a document is cut into for the no-LLM generators, by its form: (form, pieces, joiner).
+    Sentences where there are two or more; else lines (source code, tables, logs, lists); else words, or
+    characters in scripts written without spaces."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    if len(sentences) >= 2:
+        return "sentences", sentences, " "
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) >= 2:
+        return "lines", lines, "\n"
+    if spaceless(text):  # Chinese or Japanese: characters are the words
+        return "characters", list(text.replace(" ", "")), ""
+    return "words", text.split(), " "
+
+
 def ict(doc: dict, rng: random.Random, keep: float = 0.1, min_chars: int = 20):
-    """Inverse cloze task (Lee et al., 2019): a sentence is the query, the rest of the document its positive;
-    the sentence stays in with probability `keep`, so lexical matching is learned too. None for one-liners."""
-    sentences = [s for s in _SENTENCE_END.split(doc["text"]) if s.strip()]
-    usable = [i for i, s in enumerate(sentences) if len(s.strip()) >= min_chars]
-    if len(sentences) < 2 or not usable:
-        return None
-    i = rng.choice(usable)
-    rest = sentences if rng.random() < keep else sentences[:i] + sentences[i + 1 :]
-    return sentences[i].strip(), {"title": doc["title"], "text": " ".join(s.strip() for s in rest)}
+    """Inverse cloze task (Lee et al., 2019): a piece of the document is the query, the rest its positive; the
+    piece stays in with probability `keep`, so lexical matching is learned too. The piece is a sentence; in a
+    document without sentences (code, tables, logs) a run of lines; in one line of text a span of words or
+    characters. Returns (query, view, form), or None for a document too short to cut."""
+    form, units, joiner = _units(doc["text"])
+    if form in ("words", "characters"):
+        n = len(units)
+        if n < 4 or len("".join(units)) < min_chars:
+            return None
+        size = max(1, round(n * rng.uniform(0.1, 0.3)))  # a span, as a sentence is of a paragraph
+        start = rng.randrange(n - size + 1)
+        query, rest = joiner.join(units[start : start + size]), units[:start] + units[start + size :]
+    else:
+        # whole units; in code a line is often shorter than a query should be, so consecutive lines join
+        spans = _spans(units, min_chars)
+        if len(spans) < 2:
+            return None
+        i, j = rng.choice(spans)
+        query, rest = joiner.join(units[i:j]), units[:i] + units[j:]
+    view = units if rng.random() < keep else rest
+    return query, {"title": doc["title"], "text": joiner.join(view)}, form
 
 
-def crop(doc: dict, rng: random.Random, low: float = 0.1, high: float = 0.5, min_units: int = 8):
+def _spans(units: list[str], min_chars: int) -> list[tuple[int, int]]:
+    """(start, end) runs of consecutive units, each the shortest from its start holding `min_chars` characters
+    and no more than a third of the document, so something is always left as the positive."""
+    spans = []
+    for i in range(len(units)):
+        j, size = i, 0
+        while j < len(units) and size < min_chars:
+            size, j = size + len(units[j]), j + 1
+        if size >= min_chars and (j - i) * 3 <= len(units) + 2:
+            spans.append((i, j))
+    return spans
+
+
+def crop(doc: dict, rng: random.Random, low: float = 0.1, high: float = 0.5, min_units: int = 4):
     """Independent cropping (Contriever, Izacard et al., 2022): two random spans of the document, each 10-50 %
     of it, as query and positive. Spans are of words, or of characters in scripts written without spaces.
-    None for documents under `min_units` units."""
+    Returns (query, view, form), or None for documents under `min_units` units."""
     text = doc["text"]
-    words = text.split()
-    spaced = len(words) * 20 >= len(text)  # Chinese or Japanese text has few spaces: crop characters
-    units, joiner = (words, " ") if spaced else (list(text.replace(" ", "")), "")
+    spaced = not spaceless(text)  # Chinese or Japanese: crop characters
+    units, joiner = (text.split(), " ") if spaced else (list(text.replace(" ", "")), "")
     if len(units) < min_units:
         return None
 
@@ -283,4 +324,4 @@ def crop(doc: dict, rng: random.Random, low: float = 0.1, high: float = 0.5, min
         start = rng.randrange(len(units) - n + 1)
         return joiner.join(units[start : start + n])
 
-    return span(), {"title": "", "text": span()}
+    return span(), {"title": "", "text": span()}, "words" if spaced else "characters"

@@ -14,7 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import StepConfig, TrainingData
+from .config import Reuse, StepConfig, TrainingData
 from .data import BeirData, TrainingLabels, normalize_text, training_labels
 from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
@@ -25,7 +25,7 @@ FILTERS = ("duplicate", "relative_margin", "max_score", "reranker")
 
 
 @dataclass(kw_only=True)
-class MineConfig(StepConfig, TrainingData):
+class MineConfig(StepConfig, Reuse, TrainingData):
     candidates: str = "dense"  # dense | bm25 | both
     num_negatives: int = 5
     range_min: int = 0  # skip this many top candidates (after removing the query's positives)

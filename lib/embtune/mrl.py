@@ -118,6 +118,15 @@ def storage_table(doc_counts: list[int], dims: list[int], precisions=tuple(BYTES
     return rows
 
 
+def summary(result: dict) -> dict:
+    """Notebook 04's recommendation for the report: the dimension, its float32 bytes a vector, and the vectors'
+    size for a million documents."""
+    dim = result["recommended_dim"]
+    [row] = storage_table([1_000_000], [dim], ["float32"])
+    return {"recommended_dim": dim, "tolerance": result["tolerance"], "bytes_per_vector": row["bytes_per_vector"],
+            "million_docs": human_bytes(row["vectors_bytes"])}  # fmt: skip
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":

@@ -111,3 +111,24 @@ def rerank(model, queries: dict[str, str], run: dict[str, dict[str, float]], doc
         floor = min(out[qid].values(), default=0.0)
         out[qid].update({did: floor - 1.0 - i for i, did in enumerate(tail)})
     return out
+
+
+def fuse_scores(first: dict[str, dict[str, float]], reranked: dict[str, dict[str, float]], weight: float,
+                top_k: int = 100) -> dict[str, dict[str, float]]:  # fmt: skip
+    """The two-stage score: `weight` x the reranker's score + (1 - weight) x the first stage's, each min-max
+    normalised over the query's reranked top `top_k`; below it the first stage's order, as in `rerank`. Weight 0
+    gives back the first stage, so a reranker that does not help on dev cannot make the system worse."""
+
+    def normalised(values: list[float]) -> list[float]:
+        low, high = min(values, default=0.0), max(values, default=0.0)
+        return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+
+    out = {}
+    for qid, ranked in first.items():
+        order = sorted(ranked, key=ranked.get, reverse=True)
+        top, tail = order[:top_k], order[top_k:]
+        f, r = normalised([ranked[d] for d in top]), normalised([reranked[qid][d] for d in top])
+        out[qid] = {d: weight * b + (1 - weight) * a for d, a, b in zip(top, f, r, strict=True)}
+        floor = min(out[qid].values(), default=0.0)
+        out[qid].update({d: floor - 1.0 - i for i, d in enumerate(tail)})
+    return out

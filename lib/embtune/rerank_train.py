@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import StepConfig, TrainingData
+from .config import DevSplit, Reuse, StepConfig, TrainingData
 from .data import load_beir, split_train_dev, training_labels
 from .files import replace_dir, write_json
 from .lora import LoraOptions, finish, load_reranker_for_training, plan
@@ -32,7 +32,7 @@ from .rundir import (
 
 
 @dataclass(kw_only=True)
-class RerankConfig(StepConfig, TrainingData, LoraOptions):
+class RerankConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     # base_model is the dense retriever the rerankers re-score (run_dir/model/ when notebook 03 wrote it)
     reranker_model: str = ""  # a Qwen3-Reranker (or any causal LM with yes/no tokens) or a CrossEncoder
     max_negatives: int = 3  # negatives per (query, positive) from notebook 02, each a "no" example
@@ -43,7 +43,6 @@ class RerankConfig(StepConfig, TrainingData, LoraOptions):
     learning_rate: float | None = None  # None: 1e-4 for LoRA, 2e-5 for full fine-tuning
     warmup_ratio: float = 0.1
     save_steps: int = 50
-    dev_fraction: float = 0.1  # the same dev queries as notebook 03 are held out
     rerank_top_k: int = 100  # dense candidates per query the rerankers re-score
     split: str | None = None  # evaluation split; None: "test", else "dev"
 

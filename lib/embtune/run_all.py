@@ -19,16 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from .files import bundled
 
-def _notebooks_folder() -> Path:
-    """The repository's notebooks/ in a clone (an editable install), else the copy a wheel installs beside the
-    package (pyproject.toml maps notebooks/ to `embtune.notebooks`)."""
-    here = Path(__file__).resolve().parent
-    clone = here.parents[1] / "notebooks"
-    return clone if (here.parent.name == "lib" and clone.is_dir()) else here / "notebooks"
-
-
-NOTEBOOKS = _notebooks_folder()
+NOTEBOOKS = bundled("notebooks", "notebooks")
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -196,8 +189,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"(the notebook with its traceback: {failed})", file=sys.stderr)  # fmt: skip
             return 2
         print(f"   {path.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"done: {params['run_dir']}")
+    print(summary(run_dir))
     return 0
+
+
+def summary(run_dir: Path) -> str:
+    """What `make run-all` ends with: the headline table of notebook 05 (with 06's rerankers), and where to read
+    more."""
+    import json
+
+    from .evaluate import headline
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    lines = [f"done: {run.root}"]
+    if run.metrics.exists():
+        result = json.loads(run.metrics.read_text(encoding="utf-8"))
+        lines += ["", f"{result['split']} split, {result['n_queries']:,} queries († significant against base):",
+                  headline(result), "", f"report: {run.report}"]  # fmt: skip
+    lines.append(f"executed notebooks: {run.notebooks}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

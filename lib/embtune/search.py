@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from .data import NO_SPACES
 from .encode import encode
 
 
@@ -48,18 +49,11 @@ def dense_run(model, queries: dict[str, str], doc_emb, doc_ids: list[str], instr
     return dense_search(query_emb, doc_emb, list(queries), doc_ids, k)
 
 
-# Scripts written without spaces between words. bm25s's tokeniser (scikit-learn's `\w\w+`) makes a whole Chinese
-# sentence one token, so no query ever matches. Overlapping character bigrams (unigrams for one-character runs)
-# are what Lucene's CJKAnalyzer indexes: no dictionary, every such script, and close to a word segmenter such
-# as jieba on Chinese retrieval, which would cover Chinese alone and add a dependency.
-_NO_SPACES = (
-    "\u0e00-\u0eff"  # Thai, Lao
-    "\u1000-\u109f"  # Myanmar
-    "\u1780-\u17ff"  # Khmer
-    "\u3040-\u30ff"  # Hiragana, Katakana
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
-)
-_TOKENS = re.compile(rf"([{_NO_SPACES}]+)|([^\W{_NO_SPACES}]{{2,}})")
+# bm25s's tokeniser (scikit-learn's `\w\w+`) makes a whole sentence of a script without spaces one token, so no
+# Chinese query ever matches. Overlapping character bigrams (unigrams for one-character runs) are what Lucene's
+# CJKAnalyzer indexes: no dictionary, every such script, and close to a word segmenter such as jieba on Chinese
+# retrieval, which would cover Chinese alone and add a dependency.
+_TOKENS = re.compile(rf"([{NO_SPACES}]+)|([^\W{NO_SPACES}]{{2,}})")
 
 
 def bm25_tokens(text: str, stopwords: frozenset[str] = frozenset()) -> list[str]:

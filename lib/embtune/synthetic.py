@@ -42,7 +42,9 @@ METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (
 class SynthConfig(StepConfig, Reuse, PromptConfig):
     # base_model is the embedder of the cosine and round-trip filters
     generator_model: str = ""  # "" (nothing to do) | ict | crop | openai:<model> | a causal LM folder, hub name, .gguf
-    max_documents: int | None = 1000  # a seeded sample of the corpus; None: every document
+    # A seeded sample of the corpus; None: every document. "auto": 1,000 for an LLM (time, tokens); 5,000 for
+    # ict/crop, which cost nothing to generate (the filters and the training still take their time).
+    max_documents: int | str | None = "auto"
     batch_size: int = 16  # documents per batch (and per journal write)
     trust_remote_code: bool = False  # for a local generator whose code lives in its folder; only if you trust it
     # OpenAI-compatible endpoint; the key is read from the environment only
@@ -100,8 +102,11 @@ def make_generator(config: SynthConfig):
 
 def select_documents(data: BeirData, config: SynthConfig) -> list[str]:
     ids = sorted(data.corpus)
-    if config.max_documents and len(ids) > config.max_documents:
-        ids = sorted(random.Random(config.seed).sample(ids, config.max_documents))
+    limit = config.max_documents
+    if limit == "auto":
+        limit = 5000 if config.generator_model in UNSUPERVISED else 1000
+    if limit and len(ids) > limit:
+        ids = sorted(random.Random(config.seed).sample(ids, limit))
     return ids
 
 
@@ -117,13 +122,13 @@ def read_journal(path: Path) -> list[dict]:
 
 
 def _candidates(doc_id, data, config, generator, rng, reply):
-    """(query, view) pairs for one document: from the reply, or by ICT/cropping without an LLM."""
+    """(query, view, form) for each query of one document: from the reply, or by ICT/cropping without an LLM."""
     n = config.queries_per_doc
     if generator is None:
         method = ict if config.generator_model == "ict" else crop
         made = [method(data.corpus[doc_id], rng) for _ in range(n)]
         return [m for m in made if m]
-    return [(q, None) for q in parse_queries(reply)[:n]]
+    return [(q, None, "llm") for q in parse_queries(reply)[:n]]
 
 
 def _filter(rows, seen, model, doc_emb, row_of, config, generator):
@@ -168,10 +173,16 @@ def _filter(rows, seen, model, doc_emb, row_of, config, generator):
 
 def summarise(journal: list[dict], config: SynthConfig) -> dict:
     dropped = [c["dropped_by"] for row in journal for c in row["queries"]]
+    forms = {}  # per piece the queries were cut from (sentences, lines, words, characters; llm): made, kept
+    for c in (c for row in journal for c in row["queries"]):
+        counts = forms.setdefault(c.get("form", "llm"), {"made": 0, "kept": 0})
+        counts["made"] += 1
+        counts["kept"] += c["dropped_by"] is None
     return {
         "generator": METHODS.get(config.generator_model, config.generator_model),
         "documents": len(journal),
         "documents_without_queries": sum(not row["queries"] for row in journal),
+        "by_form": forms,
         "generated": len(dropped),
         "removed": {f: dropped.count(f) for f in FILTERS},
         "kept": dropped.count(None),
@@ -272,7 +283,7 @@ def generate(model, model_path: str, data: BeirData, config: SynthConfig, genera
                     "generator": METHODS.get(config.generator_model, config.generator_model),
                     "prompt": prompt,
                     "reply": reply,
-                    "queries": [{"query": q, **({"view": v} if v else {})} for q, v in made],
+                    "queries": [{"query": q, "form": form, **({"view": v} if v else {})} for q, v, form in made],
                 }
             )
         _filter(rows, seen, model, doc_emb, row_of, config, generator)

@@ -23,6 +23,13 @@ from .data import DataError
 from .encode import encode
 
 
+def general_sts_file() -> Path:
+    """The bundled general-skill STS sample (data_samples/sts_general/en.tsv: 300 STS Benchmark test pairs)."""
+    from .files import bundled
+
+    return bundled("data_samples/sts_general", "general") / "en.tsv"
+
+
 def load_labelled(path: str | Path) -> tuple[list[str], list[str]]:
     """`texts.jsonl` rows of {"text", "label"} (classification and clustering)."""
     texts, labels = [], []

@@ -18,15 +18,15 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .config import StepConfig, TrainingData
+from .config import DevSplit, Reuse, StepConfig, TrainingData
 from .data import BeirData, TrainingLabels, load_beir, split_train_dev, training_labels
 from .encode import query_prompt
 from .files import replace_dir, write_json
@@ -43,16 +43,18 @@ from .rundir import (
 )
 
 # Settings that do not change what training makes, only where it goes or what is done with it afterwards.
-NOT_SHAPING = {"data_dir", "run_dir", "base_model", "merge_dtype", "merge_with_base", "reuse"}
+NOT_SHAPING = {"data_dir", "run_dir", "base_model", "merge_dtype", "merge_with_base", "merge_grid", "reuse"}
 
 
 @dataclass(kw_only=True)
-class TrainConfig(StepConfig, TrainingData, LoraOptions):
+class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     # loss
-    loss: str = "qwen3"  # qwen3 | cached_qwen3 | mnrl | cached_mnrl | triplet
+    # qwen3 | cached_qwen3 | mnrl | cached_mnrl | triplet; "auto": qwen3, or its cached (GradCache) version when
+    # the memory plan needs it (the same batch and gradients in less memory)
+    loss: str = "auto"
     temperature: float = 0.05
     matryoshka_dims: list[int] | None = None
-    mini_batch_size: int = 16  # GradCache chunk for the cached losses
+    mini_batch_size: int | None = None  # GradCache chunk of the cached losses; None: the largest that fits
     max_negatives: int = 1  # hard negatives per row from notebook 02; each one adds a full batch of sequences
     max_seq_length: int = 512  # a cap: never above the model's own limit (MiniLM: 256)
     # schedule
@@ -61,15 +63,16 @@ class TrainConfig(StepConfig, TrainingData, LoraOptions):
     max_steps: int = -1
     learning_rate: float | None = None  # None: 2e-4 for LoRA, 5e-5 for full fine-tuning
     warmup_ratio: float = 0.1
-    eval_steps: int = 50
+    eval_steps: int | None = None  # evaluate on dev (and checkpoint) every N steps; None: 5 times, and at step 0
     eval_corpus_size: int = 2000
-    dev_fraction: float = 0.1  # held out of train when the data has no dev split
     merge_dtype: str = "auto"  # the merged model's dtype: auto (the base checkpoint's) | bfloat16 | float16 | float32
-    # Slerp of the trained weights toward the base (1: as trained; 0.5: half-way). None: 1 with human labels,
-    # 0.5 with synthetic ones only, whose dev split cannot catch drift toward the generator's artefacts;
-    # interpolating with the base keeps its general skill (WiSE-FT; the Qwen3 report merges checkpoints by
-    # slerp). docs/BENCHMARKS.md measures it.
-    merge_with_base: float | None = None
+    # What ships as model/: the slerp of the base and the trained weights at t (0: the base, 1: as trained).
+    # "auto": the t of `merge_grid` with the best dev NDCG@10, the base included, so the run never hands over a
+    # model its dev queries say is worse than the base (WiSE-FT; the Qwen3 report merges checkpoints by slerp);
+    # trained on synthetic queries alone, 0.5, since a dev split of synthetic queries cannot see the model drift
+    # toward the generator's habits. A number forces t.
+    merge_with_base: float | str = "auto"
+    merge_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
 def load_for_training(config: TrainConfig):
@@ -80,6 +83,19 @@ def load_for_training(config: TrainConfig):
     how = plan(config, path)
     model = load_embedder_for_training(path, config, how, config.max_seq_length, config.seed)
     return model, finish(model, how)
+
+
+def fit_memory(config: TrainConfig, dataset) -> TrainConfig:
+    """The memory plan (`embtune.memory`), before any weight is loaded: prints the estimate and what it turned on
+    (gradient checkpointing, the cached loss), and returns the config with those settings; NotEnoughMemory, one
+    line naming what would fit, when nothing does."""
+    from .memory import plan_memory
+    from .models import resolve
+
+    path = resolve(config.base_model)
+    memory = plan_memory(config, path, plan(config, path), dataset)
+    print(memory, flush=True)
+    return memory.apply(config)
 
 
 def inputs(config: TrainConfig, labels: TrainingLabels) -> dict[str, str | None]:
@@ -138,14 +154,11 @@ def dev_evaluator(data: BeirData, queries: dict, dev_qrels: dict, config: TrainC
     """NDCG@10 on the dev queries against their positives plus a seeded sample of the corpus."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    docs = data.doc_texts(config.doc_template)
-    keep = {d for ds in dev_qrels.values() for d in ds}
-    others = sorted(set(docs) - keep)
-    random.Random(config.seed).shuffle(others)
-    keep |= set(others[: max(0, config.eval_corpus_size - len(keep))])
+    from .evaluate import dev_corpus
+
     return InformationRetrievalEvaluator(
         {q: queries[q] for q in dev_qrels},
-        {d: docs[d] for d in sorted(keep)},
+        dev_corpus(data, dev_qrels, config.eval_corpus_size, config.seed, config.doc_template),
         {q: set(ds) for q, ds in dev_qrels.items()},
         name="dev",
         query_prompt=prompt or None,
@@ -162,6 +175,15 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def total_steps(sets: list, config: TrainConfig) -> int:
+    """Optimiser steps the schedule takes: max_steps, else epochs over the batches of each training set."""
+    import math
+
+    if config.max_steps > 0:
+        return config.max_steps
+    return math.ceil(config.epochs * sum(math.ceil(len(d) / config.batch_size) for d in sets))
 
 
 def _final_step_callback():
@@ -187,6 +209,9 @@ class Training:
     trainer: object  # a SentenceTransformerTrainer
     plan: Plan
     made_from: dict  # the checkpoints' manifest
+    data: BeirData
+    queries: dict[str, str]  # labelled and synthetic query texts
+    dev_qrels: dict
     prompt: str  # the query prompt training used, saved with the model
     n_train_rows: int
     n_dev_queries: int
@@ -214,10 +239,11 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     if int(os.environ.get("RANK", "0")) == 0:  # one process of a DDP run looks after the run directory
         run.reusable("checkpoints", made_from, config.reuse, [run.checkpoints])  # stale checkpoints are not resumed
         run.record("checkpoints", made_from)
+    dataset = training_dataset(data, labels, train_qrels, config, read["hard_negatives"] is not None)
+    config = fit_memory(config, dataset)
     model, how = load_for_training(config)
     print(how, flush=True)
     prompt = query_prompt(model, config.instruction)
-    dataset = training_dataset(data, labels, train_qrels, config, read["hard_negatives"] is not None)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun / accelerate launch
     loss = build_loss(config.loss, model, config.temperature, config.matryoshka_dims, config.mini_batch_size,
                       gather_across_devices=distributed)  # fmt: skip
@@ -227,6 +253,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     if config.loss == "triplet" and "negative_1" not in sets[0].column_names:
         raise ValueError("the triplet loss needs hard negatives: run notebook 02 first, or pick loss='qwen3'")
     evaluator = dev_evaluator(data, labels.queries, dev_qrels, config, prompt) if dev_qrels else None
+    every = config.eval_steps or max(1, total_steps(sets, config) // 5)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(RunDir(config.run_dir).checkpoints),
         per_device_train_batch_size=config.batch_size,
@@ -237,14 +264,15 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be its own false negative
         prompts={"anchor": prompt} if prompt else None,
         eval_strategy="steps" if evaluator else "no",
-        eval_steps=config.eval_steps,
+        eval_steps=every,
+        eval_on_start=evaluator is not None,  # the base model's dev score, the curve's starting point
         save_strategy="steps",
-        save_steps=config.eval_steps,
+        save_steps=every,
         save_total_limit=2,
         load_best_model_at_end=evaluator is not None,
         metric_for_best_model="eval_dev_cosine_ndcg@10" if evaluator else None,
         greater_is_better=True,
-        logging_steps=max(1, config.eval_steps // 5),
+        logging_steps=max(1, every // 5),
         seed=config.seed,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs real DDP (gloo)
@@ -253,8 +281,8 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss, evaluator=evaluator,
                                          callbacks=[_final_step_callback(), *(callbacks or [])])  # fmt: skip
-    return Training(config, trainer, how, made_from, prompt, sum(len(d) for d in sets), len(dev_qrels),
-                    bool(labels.labelled))  # fmt: skip
+    return Training(config, trainer, how, made_from, data, labels.queries, dev_qrels, prompt,
+                    sum(len(d) for d in sets), len(dev_qrels), bool(labels.labelled))  # fmt: skip
 
 
 def save_outputs(training: Training, seconds: float) -> dict:
@@ -287,28 +315,68 @@ def save_outputs(training: Training, seconds: float) -> dict:
     run.forget("model")  # until the new outputs are complete, nothing claims to be current
     model = trainer.model
     model.prompts = {**model.prompts, "query": training.prompt, "document": model.prompts.get("document", "")}
-    t = config.merge_with_base if config.merge_with_base is not None else (1.0 if training.labelled else 0.5)
-    if not 0 <= t <= 1:
-        raise ValueError(f"merge_with_base must be between 0 (the base) and 1 (as trained), not {t}")
-    trained = run.model if t >= 1 else run.finetuned
     if training.plan.full_finetune:
-        with replace_dir(trained) as tmp:
+        with replace_dir(run.finetuned) as tmp:
             model.save(str(tmp))
     else:
         with replace_dir(run.adapter) as tmp:
             model.save(str(tmp))
         dtype = None if config.merge_dtype == "auto" else getattr(torch, config.merge_dtype)
-        merge_adapter(config.base_model, run.adapter, trained, dtype)
-    if t < 1:
-        slerp_models(resolve(config.base_model), trained, t, run.model)
+        merge_adapter(config.base_model, run.adapter, run.finetuned, dtype)
+    base = resolve(config.base_model)
+    t, curve, why = choose_merge(training, base, run.finetuned)
+    print(why, flush=True)
+    slerp_models(base, run.finetuned, t, run.model)
+    log.update(merge_curve=curve, merge_why=why)
     log["merge_with_base"] = t
-    log["finetuned_model"] = str(trained)
+    log["finetuned_model"] = str(run.finetuned)
     write_json(run.train_log, log)
     plot_training(log, run.root / "train_loss.png")
+    plot_merge(log, run.root / "merge.png")
     made = {**training.made_from, "params": {**training.made_from["params"], "merge_with_base": t,
                                              "merge_dtype": config.merge_dtype}}  # fmt: skip
     run.record("model", made)
     return log
+
+
+def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[dict], str]:
+    """(t, the dev curve over the grid, one line saying why): the slerp of the base and the trained model that
+    ships, chosen on the dev queries, never on test."""
+    import tempfile
+
+    from .evaluate import dense_ndcg, dev_corpus, mean_se
+    from .merge import slerp_models
+    from .models import load_embedder
+
+    config = training.config
+    forced = config.merge_with_base != "auto"
+    if forced and not 0 <= float(config.merge_with_base) <= 1:
+        raise ValueError(f"merge_with_base must be 'auto' or between 0 (the base) and 1 (as trained), not "
+                         f"{config.merge_with_base!r}")  # fmt: skip
+    if forced:
+        return float(config.merge_with_base), [], f"model/: slerp at t = {config.merge_with_base} (merge_with_base)"
+    if not training.labelled:
+        return 0.5, [], ("model/: half-way between the base and the trained model (t = 0.5): trained on synthetic "
+                         "queries alone, whose dev split cannot see drift toward the generator's habits")  # fmt: skip
+    if not training.dev_qrels:
+        return 1.0, [], "model/: as trained (t = 1): no dev queries to choose a merge on"
+    docs = dev_corpus(training.data, training.dev_qrels, config.eval_corpus_size, config.seed, config.doc_template)
+    curve = []
+    with tempfile.TemporaryDirectory(dir=Path(config.run_dir)) as tmp:
+        for t in sorted({0.0, 1.0, *config.merge_grid}):  # the base and the trained model always among them
+            model = load_embedder(str(slerp_models(base, finetuned, t, Path(tmp) / "candidate")))
+            mean, se = mean_se(dense_ndcg(model, training.queries, training.dev_qrels, docs).values())
+            curve.append({"t": t, "ndcg@10": round(mean, 6), "se": round(se, 6)})
+    best = max(curve, key=lambda p: (p["ndcg@10"], -p["t"]))  # ties: closer to the base
+    start = curve[0]
+    n = len(training.dev_qrels)
+    if best["t"] == start["t"]:
+        return best["t"], curve, (f"model/ is the base model (t = {best['t']}): on {n} dev queries nothing trained "
+                                  f"beats it (NDCG@10 {start['ndcg@10']:.4f} ± {start['se']:.4f}); the trained model "
+                                  "is in finetuned/")  # fmt: skip
+    return best["t"], curve, (f"model/: slerp at t = {best['t']}, the best of {len(curve)} on {n} dev queries: "
+                              f"NDCG@10 {best['ndcg@10']:.4f} ± {best['se']:.4f} against the base's "
+                              f"{start['ndcg@10']:.4f}")  # fmt: skip
 
 
 def train(config: TrainConfig, callbacks: list | None = None) -> dict:
@@ -348,6 +416,32 @@ def plot_training(log: dict, path=None):
     return fig
 
 
+def plot_merge(log: dict, path=None):
+    """Dev NDCG@10 (± its standard error) of the slerp of the base (t = 0) and the trained model (t = 1) at each t
+    of the grid, the shipped t marked; None when no grid was scored."""
+    from matplotlib.figure import Figure
+
+    from .files import atomic_path
+
+    curve = log.get("merge_curve")
+    if not curve:
+        return None
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    ax.errorbar([p["t"] for p in curve], [p["ndcg@10"] for p in curve], yerr=[p["se"] for p in curve], marker="o",
+                capsize=3)  # fmt: skip
+    shipped = log["merge_with_base"]
+    ax.axvline(shipped, color="k", linestyle="--", linewidth=1, label=f"shipped: t = {shipped}")
+    ax.set_xlabel("t (0: base, 1: as trained)")
+    ax.set_ylabel("dev NDCG@10")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    return fig
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     """Every TrainConfig field as `--field value` (lists and None as JSON, e.g. --matryoshka_dims '[384,64]')."""
     parser = argparse.ArgumentParser(description="Contrastive fine-tuning (run under torchrun for DDP)")
@@ -357,7 +451,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
     values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     for f in dataclasses.fields(TrainConfig):
         if f.name in values and f.type not in ("str", "str | None"):
-            values[f.name] = json.loads(values[f.name])
+            try:
+                values[f.name] = json.loads(values[f.name])
+            except json.JSONDecodeError:  # a word where a number may also go, e.g. --merge_with_base auto
+                pass
     return TrainConfig(**values)
 
 

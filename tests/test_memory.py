@@ -1,0 +1,199 @@
+"""The memory plan (embtune.memory): its arithmetic, and its choices on the tiny fixture under a small budget."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from embtune import memory
+from embtune.lora import count_params, plan
+from embtune.memory import (
+    HEADROOM,
+    MemoryRequest,
+    ModelShape,
+    NotEnoughMemory,
+    Setting,
+    decide,
+    estimate,
+    layer_saved_bytes,
+    padded_lengths,
+    plan_memory,
+)
+from embtune.train import TrainConfig
+
+ROWS = {
+    "anchor": [f"how do I use feature {i} of the module" for i in range(40)],
+    "positive": [
+        f"the module offers many features, and this is how number {i} works. " * (1 + i % 5) for i in range(40)
+    ],  # fmt: skip
+}
+RUNTIME = 1e6  # fixed and small, so that the budgets below depend on the model, not on this process's memory
+
+
+def config(tiny_embedding, **overrides):
+    values = dict(base_model=str(tiny_embedding), data_dir="-", run_dir="-", batch_size=32, max_seq_length=64,
+                  full_finetune=False, gradient_checkpointing=None, mini_batch_size=None)  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def planned(tiny_embedding, available, **overrides):
+    """The plan for the tiny fixture with `available` bytes (nothing held), loss left to the plan."""
+    c = config(tiny_embedding, **overrides)
+    how = plan(c, str(tiny_embedding), capability=None)
+    loss = overrides.get("loss", "auto")
+    return plan_memory(c, tiny_embedding, how, ROWS, available=available, resident=0, runtime=RUNTIME, loss=loss)
+
+
+def need(tiny_embedding, checkpointing, mini=None):
+    """What the estimate says one setting of the tiny fixture needs."""
+    c = config(tiny_embedding)
+    how = plan(c, str(tiny_embedding), capability=None)
+    shape = ModelShape.from_config(tiny_embedding, n_params=how.n_params)
+    lengths = padded_lengths(tiny_embedding, ROWS, 32, 64, {"anchor": memory.folder_prompt(tiny_embedding)})
+    s = dataclasses.replace(memory.setting_for(shape, how, 32, lengths, c, "cpu"), gradient_checkpointing=checkpointing,
+                            mini_batch_size=mini)  # fmt: skip
+    return estimate(shape, s, RUNTIME).total
+
+
+def available_for(total):
+    """The free memory that makes a budget of exactly `total` bytes."""
+    return total / HEADROOM * 1.0001
+
+
+def test_a_budget_that_fits_as_asked_changes_nothing(tiny_embedding):
+    p = planned(tiny_embedding, available_for(need(tiny_embedding, False)))
+    assert (p.gradient_checkpointing, p.loss, p.mini_batch_size, p.changed) == (False, "qwen3", None, [])
+    line = str(p)
+    assert "\n" not in line and "gradient checkpointing off" in line and "loss qwen3" in line
+
+
+def test_a_smaller_budget_turns_on_gradient_checkpointing(tiny_embedding):
+    with_checkpointing = need(tiny_embedding, True)
+    assert with_checkpointing < need(tiny_embedding, False)
+    p = planned(tiny_embedding, available_for(with_checkpointing))
+    assert (p.gradient_checkpointing, p.loss, p.mini_batch_size) == (True, "qwen3", None)
+    assert p.changed == ["gradient checkpointing"]
+
+
+def test_a_smaller_budget_takes_the_cached_loss_with_the_largest_mini_batch_that_fits(tiny_embedding):
+    budget = (need(tiny_embedding, True, 8) + need(tiny_embedding, True, 16)) / 2
+    p = planned(tiny_embedding, available_for(budget))
+    assert (p.gradient_checkpointing, p.loss, p.mini_batch_size) == (True, "cached_qwen3", 8)
+    assert p.estimate.total <= budget
+    assert p.apply(config(tiny_embedding)).loss == "cached_qwen3"
+    assert p.apply(config(tiny_embedding)).mini_batch_size == 8
+    # an explicit loss is kept: the error names its cached twin
+    with pytest.raises(NotEnoughMemory, match="loss='cached_mnrl'"):
+        planned(tiny_embedding, available_for(budget), loss="mnrl")
+
+
+def test_a_tiny_budget_raises_one_line_naming_what_would_fit(tiny_embedding):
+    smallest = need(tiny_embedding, True, 1)
+    with pytest.raises(NotEnoughMemory) as raised:
+        planned(tiny_embedding, available_for(smallest * 0.98))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "needs ~" in message and "GB" in message
+    assert "batch_size=" in message or "max_seq_length=" in message
+    assert "a GPU" in message
+
+
+def test_explicit_choices_are_kept(tiny_embedding):
+    # asked for checkpointing: kept even when everything fits without it
+    p = planned(tiny_embedding, 1e12, gradient_checkpointing=True)
+    assert p.gradient_checkpointing is True and p.changed == []
+    # asked for no checkpointing and a plain loss: not overridden; the error names what would fit
+    with pytest.raises(NotEnoughMemory, match="gradient_checkpointing=True"):
+        planned(tiny_embedding, available_for(need(tiny_embedding, True)), gradient_checkpointing=False, loss="qwen3")
+    # asked for the cached loss with a mini-batch: both kept
+    p = planned(tiny_embedding, 1e12, loss="cached_qwen3", mini_batch_size=2)
+    assert (p.loss, p.mini_batch_size, p.gradient_checkpointing) == ("cached_qwen3", 2, False)
+
+
+def test_the_estimate_adds_up_by_hand():
+    """Qwen3-shaped: 2 layers, hidden 64, 4 query heads and 2 key-value heads of 16, intermediate 128, vocabulary
+    1,000; float32; LoRA r=16 on the 7 projections, dropout 0.05."""
+    shape = ModelShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=1000,
+                       n_params=100_000, dtype_bytes=4)  # fmt: skip
+    s = Setting(batch_size=8, lengths=(10, 20), weight_bytes=4, activation_bytes=4, trainable_bytes=4, lora_r=16)
+    # LoRA: r x (in + out) per projection: q 64+64, k 64+32, v 64+32, o 64+64, gate/up 64+128, down 128+64
+    lora = 2 * 16 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert shape.lora_params(16) == lora == 32_768
+    e = estimate(shape, s, runtime=1e9)
+    assert e.parts["weights"] == 100_000 * 4
+    assert e.parts["trainable"] == lora * 4 * 4  # parameter, gradient, AdamW's two states, float32
+    # saved per token of one layer: float32 norm inputs 4 x (2*64 + 64 + 32); q, k, v, output 4 x 4 x 64 and the
+    # log-sum-exp 4 x 4; MLP 3 x 4 x 128; LoRA 2 x 4 x (5*64 + 64 + 128) + 7 x 4 x 16
+    assert layer_saved_bytes(shape, s, 20) == 896 + 1040 + 1536 + 4544
+    assert e.total == 1e9 + e.parts["weights"] + e.parts["trainable"] + e.parts["activations"]
+    four_bit = estimate(shape, dataclasses.replace(s, quant="4bit"), runtime=0)
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    assert shape.linear_params == linear
+    assert four_bit.parts["weights"] == pytest.approx(linear * (0.5 + 4 / 64) + (100_000 - linear) * 4)
+
+
+def test_the_shape_is_read_from_the_config(tiny_embedding):
+    shape = ModelShape.from_config(tiny_embedding)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) == (
+        2, 64, 128, 4, 2, 16)  # fmt: skip
+    assert shape.n_params == count_params(str(tiny_embedding))
+    assert shape.n_params - shape.linear_params == shape.vocab * shape.hidden + (2 * 2 + 1) * 64 + 2 * 2 * 16
+
+
+def test_padded_lengths_are_the_longest_batch_of_the_data(tiny_embedding):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_embedding))
+    prompt = memory.folder_prompt(tiny_embedding)
+    assert prompt.startswith("Instruct: ")
+    longest = {c: max(len(tokenizer(prompt * (c == "anchor") + t)["input_ids"]) for t in ts) for c, ts in ROWS.items()}
+    assert padded_lengths(tiny_embedding, ROWS, 32, 512, {"anchor": prompt}) == (
+        longest["anchor"] + 1, longest["positive"] + 1)  # fmt: skip
+    assert padded_lengths(tiny_embedding, ROWS, 32, 16, {"anchor": prompt}) == (16, 16), "capped"
+    # notebook 02's rows come as a DatasetDict of sets with different columns: the longest set's batch counts
+    from datasets import Dataset, DatasetDict
+
+    sets = DatasetDict({"pairs": Dataset.from_dict(ROWS),
+                        "hard_negatives": Dataset.from_dict({**ROWS, "negative_1": ROWS["positive"]})})  # fmt: skip
+    assert padded_lengths(tiny_embedding, sets, 32, 512, {"anchor": prompt}) == (
+        longest["anchor"] + 1, longest["positive"] + 1, longest["positive"] + 1)  # fmt: skip
+
+
+def test_saved_activations_match_autograd(tiny_embedding):
+    """The per-layer count against what autograd really saves in the tiny Qwen3's second layer (LoRA, float32)."""
+    from embtune.lora import LoraOptions, load_embedder_for_training
+
+    options = LoraOptions(full_finetune=False, quant="none")
+    how = plan(options, str(tiny_embedding), capability=None)
+    model = load_embedder_for_training(str(tiny_embedding), options, how, 64)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, inside = {}, [False]
+    layer = model[0].auto_model.layers[1]
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if inside[0] and ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    rows, length = 4, 32
+    ids = torch.randint(10, 1000, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, :5] = 0
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model({"input_ids": ids, "attention_mask": mask})
+    shape = ModelShape.from_config(tiny_embedding)
+    s = Setting(batch_size=rows, lengths=(length,), weight_bytes=4, activation_bytes=4, trainable_bytes=4)
+    assert sum(saved.values()) / (rows * length) == pytest.approx(layer_saved_bytes(shape, s, length), rel=0.05)
+
+
+def test_decide_on_a_gpu_starts_from_checkpointing():
+    shape = ModelShape(layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151_669,
+                       n_params=595_776_512, dtype_bytes=2)  # fmt: skip
+    s = Setting(batch_size=32, lengths=(96, 512), quant="4bit", weight_bytes=2, activation_bytes=2,
+                trainable_bytes=2, device="cuda")  # fmt: skip
+    p = decide(shape, s, MemoryRequest(batch_size=32), available=40e9, resident=0, runtime=0)
+    assert p.gradient_checkpointing and p.loss == "qwen3" and p.changed == []
