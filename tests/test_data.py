@@ -134,3 +134,11 @@ def test_a_broken_gzip_corpus_is_one_line(tmp_path, case):
     message = str(err.value)
     assert "corpus.jsonl.gz" in message and "Fix: " in message and "\n" not in message
     assert ("ends early" in message) if case == "truncated" else ("not a gzip file" in message)
+
+
+def test_dev_is_sized_to_decide_and_never_starves_training():
+    """15 % of the labelled queries, at least 50 and at most 300, never more than a quarter; none under 40."""
+    from embtune.data import dev_size
+
+    assert [dev_size(n) for n in (30, 100, 288, 809, 5000)] == [0, 25, 50, 121, 300]
+    assert dev_size(809, 0.1) == 80  # dev_fraction forces it

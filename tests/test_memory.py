@@ -190,6 +190,34 @@ def test_saved_activations_match_autograd(tiny_embedding):
     assert sum(saved.values()) / (rows * length) == pytest.approx(layer_saved_bytes(shape, s, length), rel=0.05)
 
 
+def test_saved_activations_of_a_bert_encoder_in_training_mode(minilm_path):
+    """all-MiniLM-L6-v2 fully fine-tuned: dropout on the attention probabilities keeps three copies of them per
+    layer, which a decoder without dropout does not; the count must hold within 15 % (a run that fits the estimate
+    must not be killed)."""
+    from embtune.memory import _kept_per_token
+    from embtune.models import load_embedder
+
+    model = load_embedder(minilm_path, device="cpu")
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    rows, length = 4, 128
+    ids = torch.randint(1000, 2000, (rows, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)})
+    shape = ModelShape.from_config(minilm_path)
+    assert shape.attention_dropout == 0.1
+    s = Setting(batch_size=rows, lengths=(length,), full_finetune=True)
+    assert sum(saved.values()) / (rows * length) == pytest.approx(_kept_per_token(shape, s, length), rel=0.15)
+
+
 def test_decide_on_a_gpu_starts_from_checkpointing():
     shape = ModelShape(layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=151_669,
                        n_params=595_776_512, dtype_bytes=2)  # fmt: skip

@@ -75,6 +75,7 @@ class TestTinyRun:
         tail = result.stdout.split("done: ", 1)[1]
         assert "test split, 120 queries" in tail and "system" in tail and "finetuned+tuned_rerank" in tail
         assert f"report: {run / 'report.md'}" in tail and f"executed notebooks: {run / 'notebooks'}" in tail
+        assert "WARNING" not in result.stderr, result.stderr[-2000:]  # e.g. ipykernel's TCP warning per notebook
 
     def test_every_promised_plot_shows_in_the_notebook(self, tiny_run):
         run, _ = tiny_run

@@ -22,6 +22,19 @@ def test_sts_spearman_on_the_bundled_sample(minilm):
     assert tasks.sts(minilm, first, second, gold)["spearman"] > 70  # all-MiniLM-L6-v2 scores about 82 on STS-B
 
 
+def test_general_skill_warns_when_the_shipped_model_lost_more_than_the_threshold(minilm, tiny_embedding):
+    """A random model in place of the fine-tuned one has lost the base's general skill: the warning says so;
+    the base against itself loses nothing, and no threshold means no warning."""
+    from embtune.evaluate import general_skill
+    from embtune.models import load_embedder
+
+    random_model = load_embedder(str(tiny_embedding), device="cpu")
+    lost = general_skill({"base": minilm, "finetuned": random_model}, "auto", max_drop=5.0)
+    assert lost["base"] > 70 > lost["finetuned"] and "lost" in lost["warning"]
+    assert "warning" not in general_skill({"base": minilm, "finetuned": minilm}, "auto", max_drop=5.0)
+    assert "warning" not in general_skill({"base": minilm, "finetuned": random_model}, "auto")
+
+
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not here (a clone outside this workspace)")
 def test_sts_spearman_english_and_chinese_official_files(minilm):
     first, second, gold = tasks.load_sts(SHARED / "stsbenchmark" / "sts-test.csv")

@@ -273,16 +273,22 @@ def fusion_weight(qrels: dict, first: dict, reranked: dict, top_k: int, grid=Non
     return (best["weight"] if gain.pvalue < alpha else 0.0), curve
 
 
-def general_skill(models: dict[str, object], path: str | None) -> dict:
+def general_skill(models: dict[str, object], path: str | None, max_drop: float | None = None) -> dict:
     """Spearman (x100) of each model on a general STS set: how much of the base's general skill fine-tuning kept.
-    `path` "auto" is the bundled sample (data_samples/sts_general/en.tsv, STS Benchmark pairs, CC BY-SA 4.0)."""
+    `path` "auto" is the bundled sample (data_samples/sts_general/en.tsv, STS Benchmark pairs, CC BY-SA 4.0).
+    A "warning" is added when "finetuned" scores more than `max_drop` points below "base"."""
     from . import tasks
 
     if not path:
         return {}
     file = tasks.general_sts_file() if path == "auto" else path
     pairs = tasks.load_sts(file)
-    return {"file": str(file), **{name: round(tasks.sts(m, *pairs)["spearman"], 2) for name, m in models.items()}}
+    result = {"file": str(file), **{name: round(tasks.sts(m, *pairs)["spearman"], 2) for name, m in models.items()}}
+    lost = result.get("base", 0.0) - result.get("finetuned", result.get("base", 0.0))
+    if max_drop is not None and lost > max_drop:
+        result["warning"] = (f"the fine-tuned model lost {lost:.1f} Spearman points of general skill: consider a "
+                             "lower merge_with_base in notebook 03 if it must stay general")  # fmt: skip
+    return result
 
 
 def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, models: dict[str, str],

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,10 @@ def export_onnx(model, model_dir: str | Path, out: str | Path) -> Path:
     with replace_dir(out) as tmp:
         _copy_configs(Path(model_dir), tmp, tokenizer)
         (tmp / "onnx").mkdir()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # "The axis name: batch will not be used, since it shares the same shape constraints": inputs of one
+            # batch share their axes, so torch keeps one name for them; nothing a user can act on
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             torch.onnx.export(graph, tuple(sample[n] for n in inputs), str(tmp / "onnx" / "model.onnx"),
                               input_names=inputs, output_names=[OUTPUT_NAME[task]], dynamo=True,
                               dynamic_shapes=tuple({0: batch, 1: length} for _ in inputs),

@@ -105,6 +105,20 @@ def clear_outputs(path: Path, run_dir: Path) -> None:
         RunDir(run_dir).forget(artifact)
 
 
+def _ipc_kernel_manager():
+    """A kernel reached over local sockets in the temporary folder instead of TCP: nothing listens on a port, and
+    ipykernel has no "running over TCP without encryption" warning to print before every notebook."""
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        transport = "ipc"
+        ip = os.path.join(tempfile.gettempdir(), f"embtune-kernel-{os.getpid()}")
+
+    return IpcKernelManager
+
+
 def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
     """Execute one notebook with the parameters it declares; `.failed.ipynb` keeps a failed run's traceback."""
     import papermill as pm
@@ -120,6 +134,7 @@ def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
             cwd=str(path.parent),
             progress_bar=False,
             kernel_name="python3",
+            kernel_manager_class=_ipc_kernel_manager(),
         )
     except BaseException:
         if partial.exists():

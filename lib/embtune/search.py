@@ -9,6 +9,7 @@ empty entry: it scores 0, and `empty_queries` counts them.
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 
@@ -126,7 +127,9 @@ def fuse(runs: list[dict], method: str = "rrf", weights: list[float] | None = No
         elif present:
             ranx_runs = [Run({q: dict(runs[i][q]) for q in group}, name=f"run{i}") for i in present]
             if method == "rrf":
-                result = ranx_fuse(ranx_runs, norm=None, method="rrf", params={"k": k})
+                with warnings.catch_warnings():  # numba's "unsafe cast from uint64 to int64" inside ranx: ranks fit
+                    warnings.filterwarnings("ignore", message="unsafe cast")
+                    result = ranx_fuse(ranx_runs, norm=None, method="rrf", params={"k": k})
             else:
                 result = ranx_fuse(ranx_runs, norm="min-max", method="wsum",
                                    params={"weights": [weights[i] for i in present]})  # fmt: skip
