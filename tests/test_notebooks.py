@@ -145,6 +145,30 @@ class TestTinyRun:
         assert list(reranked["systems"]) == ["base", "finetuned", "finetuned+rerank", "finetuned+rerank fused",
                                              "finetuned+tuned_rerank", "finetuned+tuned_rerank fused"]  # fmt: skip
 
+    def test_07_exports_both_models_to_onnx_and_proves_them_equal_to_the_trained_ones(self, tiny_run):
+        run, _ = tiny_run
+        parity = json.loads((run / "export" / "parity.json").read_text())
+        assert set(parity) == {"embedder", "reranker"}
+        for name, results in parity.items():
+            checked = {r["target"]: r for r in results if "skipped" not in r}
+            assert set(checked) == {"onnx", "onnx-int8"}, name
+            assert all(r["passed"] for r in checked.values()), checked
+        assert (run / "export" / "onnx" / "onnx" / "model.onnx").exists()
+        assert "Instruct: " in (run / "export" / "SERVING.md").read_text()  # the client adds the query prompt
+        assert (run / "export" / "reranker" / "SERVING.md").exists()
+        assert "## Served = trained (notebook 07)" in (run / "report.md").read_text()
+
+    def test_the_readme_use_your_model_snippet_runs_on_the_run(self, tiny_run):
+        """README's "Use your model" code, on this run's folders (push_to_hub needs the network: not run)."""
+        run, _ = tiny_run
+        readme = (ROOT / "README.md").read_text()
+        code = readme.split("## Use your model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        code = "\n".join(line for line in code.splitlines() if "push_to_hub" not in line)
+        scope = {}
+        exec(code.replace("runs/mine", str(run)), scope)  # noqa: S102
+        assert scope["q"].shape == scope["d"].shape and scope["q"].shape[0] == 1
+        assert scope["reranker"].predict([("a query", "a document")]).shape == (1,)
+
 
 @pytest.mark.parametrize("name", ORDER)
 def test_notebook_is_clean_and_its_parameters_are_its_config(name):
@@ -277,27 +301,3 @@ def test_an_installed_wheel_finds_its_notebooks(tmp_path):
     found = ast.literal_eval(out)
     assert [os.path.basename(p)[:-6] for p in found] == ORDER
     assert all(p.startswith(str(tmp_path / "site")) for p in found)
-
-    def test_07_exports_both_models_to_onnx_and_proves_them_equal_to_the_trained_ones(self, tiny_run):
-        run, _ = tiny_run
-        parity = json.loads((run / "export" / "parity.json").read_text())
-        assert set(parity) == {"embedder", "reranker"}
-        for name, results in parity.items():
-            checked = {r["target"]: r for r in results if "skipped" not in r}
-            assert set(checked) == {"onnx", "onnx-int8"}, name
-            assert all(r["passed"] for r in checked.values()), checked
-        assert (run / "export" / "onnx" / "onnx" / "model.onnx").exists()
-        assert "Instruct: " in (run / "export" / "SERVING.md").read_text()  # the client adds the query prompt
-        assert (run / "export" / "reranker" / "SERVING.md").exists()
-        assert "## Served = trained (notebook 07)" in (run / "report.md").read_text()
-
-    def test_the_readme_use_your_model_snippet_runs_on_the_run(self, tiny_run):
-        """README's "Use your model" code, on this run's folders (push_to_hub needs the network: not run)."""
-        run, _ = tiny_run
-        readme = (ROOT / "README.md").read_text()
-        code = readme.split("## Use your model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-        code = "\n".join(line for line in code.splitlines() if "push_to_hub" not in line)
-        scope = {}
-        exec(code.replace("runs/mine", str(run)), scope)  # noqa: S102
-        assert scope["q"].shape == scope["d"].shape and scope["q"].shape[0] == 1
-        assert scope["reranker"].predict([("a query", "a document")]).shape == (1,)

@@ -385,7 +385,7 @@ def rerank_pairs(n_candidates: int = 10) -> list[tuple[str, list[str]]]:
 class _Words:
     """A whitespace 'tokenizer' for the reranker's documents, so they do not depend on its vocabulary."""
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, **kwargs):
         return {"input_ids": text.split()}
 
     def decode(self, ids):
