@@ -160,12 +160,13 @@ def row_notebook03(folder: Path, dry_run: bool) -> dict:
     log = save_outputs(training, time.perf_counter() - start)
     model = training.trainer.model  # the best checkpoint, as merged
     trained = [*encode(model, TEXTS[:2], "query").tolist(), *encode(model, TEXTS, "document", batch_size=4).tolist()]
-    low = min(cosines(trained, plain_embeddings(str(folder / "run" / "model"), dry_run)))
+    # finetuned/ is the merged model as trained (model/ is its slerp with the base at the t dev chose)
+    low = min(cosines(trained, plain_embeddings(log["finetuned_model"], dry_run)))
     checks = {"unsloth backend": log["backend"].startswith("unsloth") or dry_run, "merged = trained": low >= 0.999}
     _, full = load_for_training(TrainConfig(run_dir="unused", full_finetune=True, gradient_checkpointing=True,
                                             **common))  # fmt: skip
     checks["full: fp32 weights, checkpointing on"] = full.trainable_dtype == "float32" and full.gradient_checkpointing
-    slerped = load_embedder(str(slerp_models(tiny, folder / "run" / "model", 0.5, folder / "slerp")))
+    slerped = load_embedder(str(slerp_models(tiny, log["finetuned_model"], 0.5, folder / "slerp")))
     checks["slerp scored on the GPU"] = slerped.device.type == ("cpu" if dry_run else "cuda")
     failed = [name for name, ok in checks.items() if not ok]
     return {"backend": log["backend"].split(" | why")[0], "peak_vram_gb": _peak_gb(torch),
