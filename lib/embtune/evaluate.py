@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ranx import Qrels, Run, compare, evaluate
 
 from .config import DevSplit, StepConfig, TrainingData
 from .encode import WEB_SEARCH_TASK, corpus_embeddings, encode, query_prompt
@@ -175,7 +174,11 @@ def mean_se(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def _ranx(qrels: dict, run: dict, name: str = "run") -> tuple[Qrels, Run]:
+def _ranx(qrels: dict, run: dict, name: str = "run"):
+    """ranx's Qrels and Run. ranx is imported here, not at the top: training imports this module for its dev
+    corpus, and the GPU machine's kit carries no ranx (numba and llvmlite alone are most of its 60 MiB)."""
+    from ranx import Qrels, Run
+
     return Qrels(qrels), Run({q: docs for q, docs in run.items() if docs}, name=name)
 
 
@@ -184,6 +187,8 @@ def score(qrels: dict, run: dict, metrics: list[str] = METRICS) -> dict[str, flo
     system retrieved nothing for scores 0."""
     if not any(run.get(q) for q in qrels):
         return dict.fromkeys(metrics, 0.0)
+    from ranx import evaluate
+
     result = evaluate(*_ranx(qrels, run), metrics, make_comparable=True)
     if not isinstance(result, dict):  # ranx returns a bare number for one metric
         result = {metrics[0]: result}
@@ -193,6 +198,8 @@ def score(qrels: dict, run: dict, metrics: list[str] = METRICS) -> dict[str, flo
 def per_query(qrels: dict, run: dict, metric: str = "ndcg@10") -> dict[str, float]:
     if not any(run.get(q) for q in qrels):
         return dict.fromkeys(sorted(qrels), 0.0)
+    from ranx import evaluate
+
     values = evaluate(*_ranx(qrels, run), metric, return_mean=False, make_comparable=True)
     return dict(zip(sorted(qrels), map(float, values), strict=True)) if len(qrels) else {}
 
@@ -204,7 +211,9 @@ def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", met
     names = [baseline] + [n for n in runs if n != baseline and any(runs[n].get(q) for q in qrels)]
     if baseline not in runs or len(names) < 2:
         return {}
-    report = compare(Qrels(qrels), [_ranx(qrels, runs[n], n)[1] for n in names], metrics=metrics, stat_test=test,
+    from ranx import compare
+
+    report = compare(_ranx(qrels, {})[0], [_ranx(qrels, runs[n], n)[1] for n in names], metrics=metrics, stat_test=test,
                      max_p=max_p, make_comparable=True).to_dict()  # fmt: skip
     out = {"test": test, "baseline": baseline, "max_p": max_p}
     for name in names[1:]:
