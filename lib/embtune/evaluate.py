@@ -211,9 +211,9 @@ def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", met
     names = [baseline] + [n for n in runs if n != baseline and any(runs[n].get(q) for q in qrels)]
     if baseline not in runs or len(names) < 2:
         return {}
-    from ranx import compare
+    from ranx import Qrels, compare
 
-    report = compare(_ranx(qrels, {})[0], [_ranx(qrels, runs[n], n)[1] for n in names], metrics=metrics, stat_test=test,
+    report = compare(Qrels(qrels), [_ranx(qrels, runs[n], n)[1] for n in names], metrics=metrics, stat_test=test,
                      max_p=max_p, make_comparable=True).to_dict()  # fmt: skip
     out = {"test": test, "baseline": baseline, "max_p": max_p}
     for name in names[1:]:
