@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -584,11 +583,3 @@ def plan_memory(config, path: str | Path, lora_plan, dataset, prompts: dict[str,
     )
     base = setting_for(shape, lora_plan, config.batch_size, lengths, config, device)
     return decide(shape, base, request, available, resident, runtime)
-
-
-def process_peak_rss() -> float:
-    """This process's peak resident bytes (VmHWM; not getrusage's ru_maxrss, which Linux carries across exec)."""
-    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024.0
-    return 0.0
