@@ -1,16 +1,17 @@
 """The memory plan against measured memory: a model of Qwen3-Embedding-0.6B's exact architecture (random bf16
 weights, as the real checkpoint's dtype; a sentence-transformers folder with last-token pooling and Qwen's query
 prompt) trained by `embtune.train.train` on `data_samples/pydocs` with `make run-all`'s defaults (batch 32, at most
-512 tokens, LoRA r=16 on every projection, the Qwen3 loss), 3 optimiser steps per setting, each setting in its own
-process under `/usr/bin/time -v`.
+512 tokens, LoRA r=16 on every projection, the Qwen3 loss), each setting in its own process under `/usr/bin/time -v`:
+the planned default run 3 optimiser steps, the settings it is compared with `--steps` (3 unless told; the peak is
+reached in the first step, when the optimiser's state is allocated, so one step measures it on a slow machine).
 
 For each setting: `embtune.memory.estimate` (from the config and the data's own lengths, before any weight is
 loaded), the process's peak resident memory (VmHWM; /usr/bin/time's maximum RSS agrees), and seconds per optimiser
-step (a TrainerCallback). Rows without the dev evaluation stop right after the third step; the planned default run
+step (a TrainerCallback). Rows without the dev evaluation stop right after their last step; the planned default run
 goes on through train()'s final dev evaluation, the adapter's save and the merge. Then what `make run-all`'s
 training costs on this machine: seconds per step x the steps of 3 epochs on pydocs, plus the evaluation.
 
-    OMP_NUM_THREADS=2 python bench/memory_plan.py [--layers 28] [--folder /tmp/q06] [--settings NAME ...]
+    OMP_NUM_THREADS=2 python bench/memory_plan.py [--layers 28] [--folder /tmp/q06] [--settings NAME ...] [--steps 3]
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ SETTINGS = {
     ),
     "planned default (10 GB)": (dict(plan=True), True),
 }
+# At 28 layers the plan chooses checkpointing with the plain loss; batch 4 without checkpointing is estimated at 12 GB
 DEFAULT_SETTINGS = [
-    "plain, no checkpointing, batch 4",
-    "cached (mini-batch 8), checkpointing",
     "planned default (10 GB)",
+    "plain, no checkpointing, batch 2",
+    "cached (mini-batch 8), checkpointing",
 ]
+PLANNED_STEPS = 3
 
 
 def build(folder: Path, layers: int = 28) -> Path:
@@ -101,15 +104,15 @@ def watchdog(limit_mb: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def train_config(path: str, run_dir: str, **overrides):
-    """make run-all's TrainConfig on pydocs, 3 steps, with the overrides; LoRA as the plan picks for 596M parameters
-    (kept for the smaller shapes of a quick check); the dev evaluation over the dev queries' positives only and the
-    model as trained (merge_with_base=1), both costed per document instead (see main)."""
+def train_config(path: str, run_dir: str, steps: int = PLANNED_STEPS, **overrides):
+    """make run-all's TrainConfig on pydocs, `steps` steps, with the overrides; LoRA as the plan picks for 596M
+    parameters (kept for the smaller shapes of a quick check); the dev evaluation over the dev queries' positives
+    only and the model as trained (merge_with_base=1), both costed per document instead (see main)."""
     import dataclasses
 
     from embtune.train import TrainConfig
 
-    values = dict(base_model=path, data_dir=DATA, run_dir=run_dir, max_steps=3, eval_steps=1000, eval_corpus_size=0,
+    values = dict(base_model=path, data_dir=DATA, run_dir=run_dir, max_steps=steps, eval_steps=1000, eval_corpus_size=0,
                   merge_with_base=1.0, full_finetune=False, **overrides)  # fmt: skip
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
@@ -160,8 +163,8 @@ def load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def one(name: str, path: str, run_dir: str) -> dict:
-    """One setting in this process: the estimate, then 3 optimiser steps (and, for the planned run, the final dev
+def one(name: str, path: str, run_dir: str, steps: int) -> dict:
+    """One setting in this process: the estimate, then `steps` optimiser steps (and, for the planned run, the final dev
     evaluation, save and merge), timed; peak resident memory from /proc/self/status."""
     watchdog(LIMIT_MB)
     import torch
@@ -172,7 +175,7 @@ def one(name: str, path: str, run_dir: str) -> dict:
     overrides, full_run = SETTINGS[name]
     overrides = dict(overrides)
     use_plan = overrides.pop("plan", False)
-    config = train_config(path, run_dir, **overrides)
+    config = train_config(path, run_dir, PLANNED_STEPS if use_plan else steps, **overrides)
     config, memory_plan, estimate = planned(config, path, PLAN_BUDGET_GB if use_plan else None)
     if memory_plan is not None:
         print(memory_plan, flush=True)
@@ -231,10 +234,11 @@ def one(name: str, path: str, run_dir: str) -> dict:
     return result
 
 
-def run_setting(name: str, path: Path) -> dict:
+def run_setting(name: str, path: Path, steps: int) -> dict:
     """`one` in a fresh interpreter under /usr/bin/time -v: its result, with time's maximum resident set size."""
     with tempfile.TemporaryDirectory() as run_dir:
         command = ["/usr/bin/time", "-v", sys.executable, __file__, "--one", name, str(path), run_dir]
+        command += ["--steps", str(steps)]
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode or RESULT not in done.stdout:
         raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
@@ -287,11 +291,12 @@ def main():
     parser.add_argument("--layers", type=int, default=28, help="28: Qwen3-Embedding-0.6B; fewer for a quick check")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "embtune-memory-plan"))
     parser.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS)
+    parser.add_argument("--steps", type=int, default=PLANNED_STEPS, help="optimiser steps of the compared settings")
     parser.add_argument("--max-estimate-gb", type=float, default=11.0, help="settings estimated above are skipped")
     parser.add_argument("--no-save", action="store_true", help="print, do not write docs/BENCHMARKS.md")
     args = parser.parse_args()
     if args.one:
-        one(*args.one)
+        one(*args.one, args.steps)
         return
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -307,7 +312,7 @@ def main():
             if estimate.total / 1e9 > args.max_estimate_gb:
                 print(f"skipped {name}: estimated {estimate}", flush=True)
                 continue
-        row = run_setting(name, path)
+        row = run_setting(name, path, args.steps)
         measured = row["peak_steps_mb"] * 2**20 / 1e9
         row["measured_gb"] = round(measured, 2)
         row["estimate_error"] = f"{row['estimate_gb'] / measured - 1:+.0%}"
@@ -330,9 +335,10 @@ def main():
         return
     for r in rows:
         r["time_v_max_rss_gb"] = round(r["time_max_rss_mb"] * 2**20 / 1e9, 2) if r.get("time_max_rss_mb") else ""
-        r["with"] = "3 steps, dev evals, save, merge" if r["setting"].startswith("planned") else "3 steps"
+        planned_row = r["setting"].startswith("planned")
+        r["with"] = f"{len(r['steps'])} steps" + (", dev evals, save, merge" if planned_row else "")
         r["peak_all_gb"] = round(r["peak_mb"] * 2**20 / 1e9, 2)
-        if not r["with"].startswith("3 steps,"):
+        if not planned_row:
             r["estimate_run_gb"] = ""  # the run stopped after its steps: no evaluation or merge to compare with
         r["load"] = max(s["load"] for s in r["steps"])
     table = markdown_table(rows, ["setting", "batch", "checkpointing", "loss", "estimate_gb", "measured_gb",
@@ -343,11 +349,11 @@ def main():
         "## Memory plan: estimate against measured peak, Qwen3-Embedding-0.6B architecture on a CPU\n\n"
         f"`bench/memory_plan.py`: random bf16 weights in Qwen3-Embedding-0.6B's architecture ({shape}; hidden 1024, "
         "16/8 heads of 128, intermediate 3072, vocabulary 151,669), loaded in bf16 as the real checkpoint is, LoRA "
-        "r=16 on every projection (10M trainable), trained by `embtune.train.train` on `data_samples/pydocs`, 3 "
-        "optimiser steps, `OMP_NUM_THREADS=2`, each setting in its own process under `/usr/bin/time -v`. "
+        "r=16 on every projection (10M trainable), trained by `embtune.train.train` on `data_samples/pydocs` for the "
+        "optimiser steps in `with`, `OMP_NUM_THREADS=2`, each setting in its own process under `/usr/bin/time -v`. "
         "`estimate_gb`: `embtune.memory.estimate`'s training step, before any weight is loaded, at the data's own "
         "padded lengths (the longest batch: anchors with the query prompt, positives capped at 512); `measured_gb`: "
-        "the process's peak resident memory (VmHWM) when the third step ends; `estimate_run_gb` against "
+        "the process's peak resident memory (VmHWM) when the last step ends; `estimate_run_gb` against "
         "`peak_all_gb`: the whole run (with the dev evaluations, save and merge; the estimate also counts the "
         "merge grid's candidate model, which this run skips) against the whole process; "
         "`time_v_max_rss_gb`: `/usr/bin/time -v`'s maximum resident set size; GB = 10^9 bytes. The planned default "

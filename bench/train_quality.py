@@ -158,8 +158,10 @@ def main():
         f"`bench/train_quality.py`: base, the stock sentence-transformers recipe (MNRL, in-batch negatives), "
         f"our default recipe on in-batch negatives (`ours`) and on notebook 02's mined negatives (`ours+mined`, "
         f"which includes the mining time); `shipped_t` is the slerp weight toward the trained model that the run "
-        f"chose on dev and shipped as model/ (0: the base); batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} "
-        f"tokens, on the CPU."
+        f"chose on dev and shipped as model/ (0: the base; the best t of the grid, kept when it beats the base in a "
+        f"one-sided paired t-test on the dev queries); rows measured before 2026-11-29 shipped the model as trained "
+        f"(blank `shipped_t`); batch {BATCH}, {args.epochs:g} epoch(s), max {SEQ} tokens, on the CPU; `train_s` "
+        f"of a row measured while another job shared the 2 cores is longer than alone."
         f"\n\n" + table
     )
     save_results("train_quality", {"batch_size": BATCH, "epochs": args.epochs, "rows": rows}, section)

@@ -3,6 +3,7 @@ import pytest
 
 from embtune.evaluate import (
     METRICS,
+    choose_on_dev,
     dense_runs,
     error_examples,
     fusion_weight,
@@ -85,6 +86,21 @@ def test_ndcg_equals_sentence_transformers_evaluator(minilm, pydocs_minilm):
     theirs = evaluator(minilm)
     assert ours["ndcg@10"] == pytest.approx(theirs[f"{evaluator.primary_metric}"], abs=0.005)
     assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample
+
+
+def test_choose_on_dev_keeps_a_candidate_only_when_it_beats_zero_in_a_paired_t_test():
+    """The rule behind the shipped slerp t and the fusion weight: the best mean on dev wins only when a one-sided
+    paired t-test says it beats candidate 0 (the base); a lead of one lucky query among 100 is noise."""
+    rng = np.random.default_rng(0)
+    base = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0.2, 0.8, 100))}
+    lucky = {**base, "q0": base["q0"] + 0.5}  # better on average, by one query
+    steady = {q: v + 0.05 for q, v in base.items()}  # a little better on every query
+    t, curve = choose_on_dev({0.0: base, 0.5: lucky, 1.0: base}, "t")
+    assert t == 0.0 and max(curve, key=lambda c: c["ndcg@10"])["t"] == 0.5
+    assert curve[1]["p_value"] > 0.05 and curve[1]["ndcg@10"] == pytest.approx(np.mean(list(lucky.values())), abs=1e-6)
+    t, curve = choose_on_dev({0.0: base, 0.5: lucky, 1.0: steady}, "t")
+    assert t == 1.0 and curve[2]["p_value"] < 1e-6 and curve[0]["p_value"] == 1.0
+    assert curve[2]["se"] == pytest.approx(np.std(list(steady.values()), ddof=1) / 10, abs=1e-6)
 
 
 def test_fusion_weight_is_zero_for_a_random_reranker_and_high_for_a_perfect_one():

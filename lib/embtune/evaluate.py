@@ -261,25 +261,39 @@ def error_examples(table: pd.DataFrame, qrels: dict, run: dict, docs: dict[str, 
     return rows
 
 
+def choose_on_dev(per: dict[float, dict[str, float]], key: str, alpha: float = 0.05) -> tuple[float, list[dict]]:
+    """The candidate (a fusion weight, a slerp t) whose per-query dev NDCG@10 has the best mean, kept only when it
+    beats candidate 0 (the first stage alone, the base) in a one-sided paired t-test at `alpha`: among several
+    candidates on a few dozen or hundred dev queries, one otherwise wins by chance and ships a model or a reranker
+    no better than what the user already has. Returns (chosen, curve): each candidate's mean, standard error and
+    p-value against 0."""
+    from scipy.stats import ttest_1samp
+
+    ids = sorted(per[0.0])
+    zero = np.array([per[0.0][q] for q in ids])
+    curve = []
+    for x in sorted(per):
+        values = np.array([per[x][q] for q in ids])
+        mean, se = mean_se(values)
+        gain = np.round(values - zero, 9)  # float noise off: equal rankings gain exactly 0
+        if np.ptp(gain) == 0:  # the same gain on every query: no variance for the t-test (scipy warns, returns nan)
+            p = 0.0 if gain[0] > 0 else 1.0
+        else:  # the paired t-test is the one-sample test of the per-query gains
+            p = float(ttest_1samp(gain, 0.0, alternative="greater").pvalue)
+        curve.append({key: x, "ndcg@10": round(mean, 6), "se": round(se, 6), "p_value": p})
+    best = max(curve, key=lambda c: (c["ndcg@10"], -c[key]))  # ties: closer to 0
+    return (best[key] if best["p_value"] < alpha else 0.0), curve
+
+
 def fusion_weight(qrels: dict, first: dict, reranked: dict, top_k: int, grid=None,
                   alpha: float = 0.05) -> tuple[float, list[dict]]:  # fmt: skip
-    """The weight of the reranker in the two-stage score (`rerank.fuse_scores`) with the best NDCG@10 on `qrels`
-    (the dev queries), kept only when that beats weight 0 (the first stage alone) in a one-sided paired t-test at
-    `alpha`: on a few dozen dev queries a useless reranker otherwise wins a weight by chance.
-    Returns (weight, curve)."""
-    from scipy.stats import ttest_rel
-
+    """The weight of the reranker in the two-stage score (`rerank.fuse_scores`) chosen on `qrels` (the dev queries)
+    by `choose_on_dev`. Returns (weight, curve)."""
     from .rerank import fuse_scores
 
     grid = grid or [round(w / 10, 1) for w in range(11)]
-    per = {w: per_query(qrels, fuse_scores(first, reranked, w, top_k)) for w in grid}
-    curve = [{"weight": w, "ndcg@10": float(np.mean(list(per[w].values())))} for w in grid]
-    best = max(curve, key=lambda p: (p["ndcg@10"], -p["weight"]))  # ties: less of the reranker
-    if best["weight"] == 0 or 0 not in per:
-        return best["weight"], curve
-    ids = sorted(per[0])
-    gain = ttest_rel([per[best["weight"]][q] for q in ids], [per[0][q] for q in ids], alternative="greater")
-    return (best["weight"] if gain.pvalue < alpha else 0.0), curve
+    per = {w: per_query(qrels, fuse_scores(first, reranked, w, top_k)) for w in {0.0, *grid}}
+    return choose_on_dev(per, "weight", alpha)
 
 
 def general_skill(models: dict[str, object], path: str | None, max_drop: float | None = None) -> dict:

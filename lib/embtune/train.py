@@ -67,8 +67,9 @@ class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     eval_corpus_size: int = 2000
     merge_dtype: str = "auto"  # the merged model's dtype: auto (the base checkpoint's) | bfloat16 | float16 | float32
     # What ships as model/: the slerp of the base and the trained weights at t (0: the base, 1: as trained).
-    # "auto": the t of `merge_grid` with the best dev NDCG@10, the base included, so the run never hands over a
-    # model its dev queries say is worse than the base (WiSE-FT; the Qwen3 report merges checkpoints by slerp);
+    # "auto": the t of `merge_grid` with the best dev NDCG@10, the base included, kept only when it beats the base
+    # in a paired t-test on the dev queries (evaluate.choose_on_dev), so the run never hands over a model its dev
+    # queries do not show to be better than the base (WiSE-FT; the Qwen3 report merges checkpoints by slerp);
     # trained on synthetic queries alone, 0.5, since a dev split of synthetic queries cannot see the model drift
     # toward the generator's habits. A number forces t.
     merge_with_base: float | str = "auto"
@@ -344,7 +345,7 @@ def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[
     ships, chosen on the dev queries, never on test."""
     import tempfile
 
-    from .evaluate import dense_ndcg, dev_corpus, mean_se
+    from .evaluate import choose_on_dev, dense_ndcg, dev_corpus
     from .merge import slerp_models
     from .models import load_embedder
 
@@ -361,22 +362,27 @@ def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[
     if not training.dev_qrels:
         return 1.0, [], "model/: as trained (t = 1): no dev queries to choose a merge on"
     docs = dev_corpus(training.data, training.dev_qrels, config.eval_corpus_size, config.seed, config.doc_template)
-    curve = []
+    per = {}
     with tempfile.TemporaryDirectory(dir=Path(config.run_dir)) as tmp:
         for t in sorted({0.0, 1.0, *config.merge_grid}):  # the base and the trained model always among them
             model = load_embedder(str(slerp_models(base, finetuned, t, Path(tmp) / "candidate")))
-            mean, se = mean_se(dense_ndcg(model, training.queries, training.dev_qrels, docs).values())
-            curve.append({"t": t, "ndcg@10": round(mean, 6), "se": round(se, 6)})
-    best = max(curve, key=lambda p: (p["ndcg@10"], -p["t"]))  # ties: closer to the base
+            per[t] = dense_ndcg(model, training.queries, training.dev_qrels, docs)
+    t, curve = choose_on_dev(per, "t")
+    best = max(curve, key=lambda p: (p["ndcg@10"], -p["t"]))
     start = curve[0]
     n = len(training.dev_qrels)
-    if best["t"] == start["t"]:
-        return best["t"], curve, (f"model/ is the base model (t = {best['t']}): on {n} dev queries nothing trained "
-                                  f"beats it (NDCG@10 {start['ndcg@10']:.4f} ± {start['se']:.4f}); the trained model "
-                                  "is in finetuned/")  # fmt: skip
-    return best["t"], curve, (f"model/: slerp at t = {best['t']}, the best of {len(curve)} on {n} dev queries: "
-                              f"NDCG@10 {best['ndcg@10']:.4f} ± {best['se']:.4f} against the base's "
-                              f"{start['ndcg@10']:.4f}")  # fmt: skip
+    base_score = f"the base's NDCG@10 {start['ndcg@10']:.4f} ± {start['se']:.4f}"
+    if best["t"] == 0.0:
+        return 0.0, curve, (f"model/ is the base model (t = 0.0): on {n} dev queries nothing trained beats "
+                            f"{base_score}; the trained model is in finetuned/")  # fmt: skip
+    if t == 0.0:
+        return 0.0, curve, (f"model/ is the base model (t = 0.0): on {n} dev queries the best slerp, t = "
+                            f"{best['t']} ({best['ndcg@10']:.4f} ± {best['se']:.4f}), does not beat {base_score} "
+                            f"in a one-sided paired t-test (p = {best['p_value']:.2f}, needs < 0.05); the trained "
+                            "model is in finetuned/")  # fmt: skip
+    why = (f"model/: slerp at t = {t}, the best of {len(curve)} on {n} dev queries: NDCG@10 {best['ndcg@10']:.4f} "
+           f"± {best['se']:.4f} against {base_score} (p = {best['p_value']:.1e})")  # fmt: skip
+    return t, curve, why
 
 
 def train(config: TrainConfig, callbacks: list | None = None) -> dict:
