@@ -336,7 +336,8 @@ def main():
     for r in rows:
         r["time_v_max_rss_gb"] = round(r["time_max_rss_mb"] * 2**20 / 1e9, 2) if r.get("time_max_rss_mb") else ""
         planned_row = r["setting"].startswith("planned")
-        r["with"] = f"{len(r['steps'])} steps" + (", dev evals, save, merge" if planned_row else "")
+        n = len(r["steps"])
+        r["with"] = f"{n} step{'s' * (n > 1)}" + (", dev evals, save, merge" if planned_row else "")
         r["peak_all_gb"] = round(r["peak_mb"] * 2**20 / 1e9, 2)
         if not planned_row:
             r["estimate_run_gb"] = ""  # the run stopped after its steps: no evaluation or merge to compare with

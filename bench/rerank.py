@@ -99,7 +99,8 @@ def main():
             config = RerankConfig(data_dir=data_dir, run_dir=str(out.root), base_model=minilm_path(),
                                   reranker_model=reranker, max_length=args.max_length, max_steps=steps)  # fmt: skip
             out.hard_negatives.parent.mkdir(parents=True)
-            out.hard_negatives.symlink_to(RunDir(run_dir).hard_negatives)
+            out.hard_negatives.symlink_to(RunDir(run_dir).hard_negatives)  # with its record: what it was mined from
+            out.record("hard_negatives", RunDir(run_dir).manifest("hard_negatives"))
             log = train_reranker(config)
             start = time.perf_counter()
             model = load_reranker(str(out.reranker_model), max_length=args.max_length)
