@@ -1,6 +1,8 @@
 """The memory plan (embtune.memory): its arithmetic, and its choices on the tiny fixture under a small budget."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +227,31 @@ def test_decide_on_a_gpu_starts_from_checkpointing():
                 trainable_bytes=2, device="cuda")  # fmt: skip
     p = decide(shape, s, MemoryRequest(batch_size=32), available=40e9, resident=0, runtime=0)
     assert p.gradient_checkpointing and p.loss == "qwen3" and p.changed == []
+
+
+FREED_BLOCKS = """
+import ctypes, sys, psutil, torch
+from embtune.memory import return_freed_blocks
+if sys.argv[1] == "set":
+    assert return_freed_blocks()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free(ctypes.c_void_p(libc.malloc(16 * 2**20)))  # a freed 16 MB block raises glibc's threshold to 16 MB
+blocks, live = [], []
+for _ in range(200):  # mini-batch activations, each followed by a live tensor (gradients, caches)
+    blocks.append(torch.ones(2 * 2**20 // 4))
+    live.append(torch.ones(2**17))
+before = psutil.Process().memory_info().rss
+del blocks
+print((before - psutil.Process().memory_info().rss) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
+def test_freed_mini_batch_blocks_go_back_to_the_os_once_return_freed_blocks_is_set():
+    def released_mb(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    assert released_mb("default") < 50  # 400 MB freed, all of it still resident
+    assert released_mb("set") > 350

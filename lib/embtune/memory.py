@@ -346,6 +346,25 @@ def padded_lengths(path: str | Path, dataset, batch_size: int, max_seq_length: i
     return best
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt option (malloc.h)
+
+
+def return_freed_blocks(threshold: int = 2**20) -> bool:
+    """Have glibc map blocks of `threshold` bytes and more on their own, so that freeing one hands it back to the OS.
+    By default glibc raises that threshold, up to 32 MB, each time a large block is freed, and the smaller blocks
+    stay in its heap once freed, resident wherever a live block sits above them. The cached losses embed in
+    mini-batches whose activations are such blocks: on Qwen3-Embedding-0.6B's shape (mini-batch 8, checkpointing)
+    the step peaked 1.3 GB above the estimate of what it holds (bench/memory_plan.py). Process-wide; False where the
+    C library has no mallopt (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # what there is, and the decision
 

@@ -90,12 +90,14 @@ def fit_memory(config: TrainConfig, dataset) -> TrainConfig:
     """The memory plan (`embtune.memory`), before any weight is loaded: prints the estimate and what it turned on
     (gradient checkpointing, the cached loss), and returns the config with those settings; NotEnoughMemory, one
     line naming what would fit, when nothing does."""
-    from .memory import plan_memory
+    from .memory import plan_memory, return_freed_blocks
     from .models import resolve
 
     path = resolve(config.base_model)
     memory = plan_memory(config, path, plan(config, path), dataset)
     print(memory, flush=True)
+    if memory.device == "cpu" and memory.mini_batch_size is not None:
+        return_freed_blocks()  # the cached loss's freed mini-batch activations would stay resident
     return memory.apply(config)
 
 
