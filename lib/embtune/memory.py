@@ -15,6 +15,8 @@ softmax of every head over every key. The cached (GradCache) losses hold one min
 on a CPU, free GPU memory on a GPU) and decides what the user left open: gradient checkpointing first, then the
 cached version of the same loss (GradCache: the same effective batch and gradients) with the largest mini-batch that
 fits. What the user set explicitly is kept. If nothing fits it raises `NotEnoughMemory`, one line naming what would.
+On a CPU, training with a cached loss calls `return_freed_blocks`, so that what the estimate counts as freed leaves
+the process.
 
     how = embtune.lora.plan(config, path)                    # backend, quantisation, LoRA or full: from the config
     memory = plan_memory(config, path, how, dataset)         # before any weight is loaded; NotEnoughMemory if none fits
