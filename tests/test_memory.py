@@ -231,9 +231,7 @@ def test_decide_on_a_gpu_starts_from_checkpointing():
 
 FREED_BLOCKS = """
 import ctypes, sys, psutil, torch
-from embtune.memory import return_freed_blocks
-if sys.argv[1] == "set":
-    assert return_freed_blocks()
+exec(sys.argv[1])  # the setup under test
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free(ctypes.c_void_p(libc.malloc(16 * 2**20)))  # a freed 16 MB block raises glibc's threshold to 16 MB
@@ -247,11 +245,35 @@ print((before - psutil.Process().memory_info().rss) / 2**20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
-def test_freed_mini_batch_blocks_go_back_to_the_os_once_return_freed_blocks_is_set():
-    def released_mb(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.split()[-1])
+def released_mb(setup: str) -> float:
+    """MB that freeing 400 MB of 2 MB blocks, each below a live tensor, hands back to the OS after `setup`."""
+    out = subprocess.run([sys.executable, "-c", FREED_BLOCKS, setup], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
-    assert released_mb("default") < 50  # 400 MB freed, all of it still resident
-    assert released_mb("set") > 350
+
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
+
+
+@LINUX_ONLY
+def test_freed_mini_batch_blocks_go_back_to_the_os_once_return_freed_blocks_is_set():
+    assert released_mb("") < 50  # 400 MB freed, all of it still resident
+    assert released_mb("from embtune.memory import return_freed_blocks; assert return_freed_blocks()") > 350
+
+
+FIT_MEMORY = """
+from embtune.train import TrainConfig, fit_memory
+rows = {{"anchor": ["a question"] * 8, "positive": ["an answer to it"] * 8}}
+config = TrainConfig(base_model={model!r}, data_dir="-", run_dir="-", batch_size=8, full_finetune=False,
+                     loss={loss!r}, mini_batch_size={mini})
+assert (fit_memory(config, rows).mini_batch_size is None) == ({mini} is None)
+"""
+
+
+@LINUX_ONLY
+def test_training_plans_with_the_cached_loss_on_a_cpu_return_freed_blocks_and_others_leave_glibc_as_it_is(
+    tiny_embedding,
+):
+    cached = FIT_MEMORY.format(model=str(tiny_embedding), loss="cached_qwen3", mini=2)
+    plain = FIT_MEMORY.format(model=str(tiny_embedding), loss="qwen3", mini=None)
+    assert released_mb(cached) > 350
+    assert released_mb(plain) < 50
