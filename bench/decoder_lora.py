@@ -58,19 +58,25 @@ def test_run(model_path: str, run_dir: str) -> tuple[dict, dict]:
     return {k: v for k, v in score(qrels, run).items() if k in ("ndcg@10", "mrr@10", "recall@100")}, run
 
 
+def nf4(model_path: str) -> dict:
+    """The model_kwargs the 4-bit route trains with (`embtune.lora`'s plan for quant="4bit" on this machine)."""
+    from embtune.lora import LoraOptions, plan, quantization_kwargs
+
+    return quantization_kwargs(plan(LoraOptions(quant="4bit", full_finetune=False), model_path))
+
+
 def content_kept(model_path: str, documents: int = 16, max_length: int = 128) -> dict[str, float]:
-    """How much of the base's text-specific signal survives 4-bit NF4, layer by layer: the last-token state of each
+    """How much of a model's text-specific signal survives 4-bit NF4, layer by layer: the last-token state of each
     of `documents` SciFact documents minus their mean (what tells texts apart; the mean is shared by all of them), as
     cosine between the float32 and the NF4 model. A weak survival is noise the 4-bit route's adapter must learn over."""
     import torch
-    from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModel, AutoTokenizer
 
     from embtune.data import DEFAULT_DOC_TEMPLATE, load_beir
 
     texts = list(load_beir(DATA, limits="off").doc_texts(DEFAULT_DOC_TEMPLATE).values())[:documents]
     inputs = AutoTokenizer.from_pretrained(model_path)(texts, padding=True, truncation=True, max_length=max_length,
                                                        return_tensors="pt")  # fmt: skip
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
     def centred_states(**kwargs) -> list:
         model = AutoModel.from_pretrained(model_path, dtype=torch.float32, **kwargs)
@@ -78,7 +84,7 @@ def content_kept(model_path: str, documents: int = 16, max_length: int = 128) ->
             states = model(**inputs, output_hidden_states=True).hidden_states
         return [h[:, -1] - h[:, -1].mean(0) for h in states]
 
-    full, quantised = centred_states(), centred_states(quantization_config=nf4)
+    full, quantised = centred_states(), centred_states(**nf4(model_path))
     return {str(i): round(float(torch.nn.functional.cosine_similarity(f, q, dim=-1).mean()), 3)
             for i, (f, q) in enumerate(zip(full, quantised, strict=True)) if i > 0}  # fmt: skip
 
@@ -87,10 +93,8 @@ def merged_against_trained(run_dir: Path, base: str) -> dict[str, list[float]]:
     """Dev NDCG@10 (mean, standard error) of a 4-bit run's `model/`, its adapter merged into the bf16 weights, and
     of what it was trained as, the NF4 base with the adapter: whether merging over the unquantised weights keeps
     what the adapter learnt over NF4 noise."""
-    import torch
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
-    from transformers import BitsAndBytesConfig
 
     from embtune.data import load_beir, split_train_dev, training_labels
     from embtune.evaluate import dense_ndcg, dev_corpus, mean_se
@@ -101,8 +105,7 @@ def merged_against_trained(run_dir: Path, base: str) -> dict[str, list[float]]:
     labels = training_labels(data, run_dir)
     _, dev = split_train_dev(data, labels, config["seed"], config["dev_fraction"])
     docs = dev_corpus(data, dev, config["eval_corpus_size"], config["seed"], config["doc_template"])
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    as_trained = SentenceTransformer(base, device="cpu", model_kwargs={"quantization_config": nf4})
+    as_trained = SentenceTransformer(base, device="cpu", model_kwargs=nf4(base))
     as_trained[0].auto_model = PeftModel.from_pretrained(as_trained[0].auto_model, str(run_dir / "adapter")).eval()
     scores = {}
     for name, model in (("merged", load_embedder(str(run_dir / "model"), device="cpu")), ("as_trained", as_trained)):
