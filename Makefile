@@ -14,7 +14,7 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all smoke bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository
+.PHONY: setup test run-all smoke bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository llama-server
 
 # What the notebooks need (`make run-all`); tests and lint add requirements-dev.txt, benchmarks the SmolLM2 GGUF.
 setup: $(STAMP)
@@ -37,8 +37,13 @@ $(BENCH_STAMP): $(DEV_STAMP)
 
 # Two or more workers (pytest-xdist), one thread each: most of the time goes to starting notebook kernels and
 # subprocesses, which a second worker overlaps.
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) llama-server
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope
+
+# llama-server, built once from the llama.cpp that the GGUF converter comes from (llama-cpp-python's sdist on PyPI)
+# into ~/.cache/embtune: notebook 07 checks the GGUF files through it. About 10 minutes on two cores, then cached.
+llama-server: setup
+	$(PY) -m embtune.llama_cpp build
 
 run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \

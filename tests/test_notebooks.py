@@ -145,14 +145,18 @@ class TestTinyRun:
         assert list(reranked["systems"]) == ["base", "finetuned", "finetuned+rerank", "finetuned+rerank fused",
                                              "finetuned+tuned_rerank", "finetuned+tuned_rerank fused"]  # fmt: skip
 
-    def test_07_exports_both_models_to_onnx_and_proves_them_equal_to_the_trained_ones(self, tiny_run):
+    def test_07_exports_both_models_and_proves_them_equal_to_the_trained_ones_the_way_they_are_served(self, tiny_run):
+        """ONNX through the consumer client, GGUF through a real llama-server, both against plain
+        sentence-transformers: every default export of both models passes."""
         run, _ = tiny_run
         parity = json.loads((run / "export" / "parity.json").read_text())
         assert set(parity) == {"embedder", "reranker"}
         for name, results in parity.items():
-            checked = {r["target"]: r for r in results if "skipped" not in r}
-            assert set(checked) == {"onnx", "onnx-int8"}, name
-            assert all(r["passed"] for r in checked.values()), checked
+            checked = {r["target"]: r for r in results}
+            assert set(checked) == {"onnx", "onnx-int8", "model-f16.gguf"}, name
+            assert all(r["passed"] and r["error"] is None for r in checked.values()), checked
+        assert parity["embedder"][-1]["long_texts"]  # what llama-server did with texts sent unclipped
+        assert (run / "export" / "gguf" / "Modelfile").exists() and (run / "export" / "consumer.py").exists()
         assert (run / "export" / "onnx" / "onnx" / "model.onnx").exists()
         assert "Instruct: " in (run / "export" / "SERVING.md").read_text()  # the client adds the query prompt
         assert (run / "export" / "reranker" / "SERVING.md").exists()

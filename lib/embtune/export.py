@@ -13,38 +13,35 @@ Why not sentence-transformers' own export functions: `SentenceTransformer(path, 
 newest release (0.1.0) requires transformers < 4.58 and fails to import under transformers 5 (it imports
 `transformers.modeling_utils.get_parameter_dtype`, gone in 5). So the graph is exported here with torch's own
 ONNX exporter and quantised by onnxruntime's own quantizers (`quantize_dynamic` is what optimum's ORTQuantizer
-wraps), into the folder layout sentence-transformers' ONNX backend reads; `load_onnx` reads it back through
-sentence-transformers' own loading code with onnxruntime in optimum's place. The pipeline around the graph
-(tokenizer with its post-processor, prompts, pooling, normalisation) stays sentence-transformers' own, so
-last-token pooling, left padding and the appended end token survive the export: `embtune.serving` proves it.
+wraps), into the folder layout sentence-transformers' ONNX backend reads. The pipeline around the graph
+(tokenizer with its post-processor, prompts, pooling, normalisation) is the folder's own configuration, so
+last-token pooling, left padding and the appended end token survive the export: `embtune.serving` proves it by
+reading the folder the way a consumer does (`embtune.consumer`, also SERVING.md's ONNX client).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import StepConfig
 from .files import replace_dir, write_text
+from .llama_cpp import VERSION as LLAMA_CPP_PYTHON
+from .llama_cpp import NoLlamaCpp, converter, known_pre_tokenizer, server_command
 
 FORMATS = ("onnx", "onnx-int8", "onnx-int8-dynamic", "gguf")
 DEFAULT_FORMATS = ("onnx", "onnx-int8", "gguf")
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.onnx", "*.onnx_data", "*.onnx.data", "*.gguf")
-# llama.cpp's converter travels in the source distribution of llama-cpp-python on PyPI (vendor/llama.cpp).
-LLAMA_CPP_PYTHON = "0.3.36"
 OUTPUT_NAME = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
                "text-generation": "logits"}  # fmt: skip
 
@@ -56,8 +53,11 @@ class ExportConfig(StepConfig):
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
     gguf_outtype: str = "f16"  # convert_hf_to_gguf.py --outtype: "f32", "f16", "bf16" or "q8_0"
     # A llama.cpp folder holding convert_hf_to_gguf.py; "pypi": the one vendored in llama-cpp-python's source
-    # distribution, fetched with pip; None: $LLAMA_CPP_DIR, else no GGUF (the notebook says why).
-    llama_cpp: str | None = None
+    # distribution, fetched with pip once (embtune.llama_cpp); None: no GGUF (the notebook says why).
+    llama_cpp: str | None = "pypi"
+    # The llama-server that checks the GGUF files: "build" (built once from the same source, ~15 min on two
+    # cores, cached in ~/.cache/embtune), a binary's path, or None (the row says the file was not checked).
+    llama_server: str | None = "build"
     serve_url: str | None = None  # a running OpenAI-compatible server (…/v1) to check against the model
     served_model: str | None = None  # the `model` name that server expects (None: the model folder's path)
     rerank_url: str | None = None  # a running /rerank (TEI, Cohere-style) or /score (vLLM) endpoint to check
@@ -179,69 +179,6 @@ def _import_quietly():
     return MatMulNBitsQuantizer
 
 
-class OnnxRuntimeModel(torch.nn.Module):
-    """What optimum's ORTModel is to sentence-transformers: the transformer's forward, run by onnxruntime.
-
-    Threads: as many as torch uses ($OMP_NUM_THREADS, else one per core), so the two compare fairly."""
-
-    def __init__(self, path: Path, config, output_name: str):
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self.config, self.output_name, self.path = config, output_name, path
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_dict=True):
-        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        feeds = {k: v.cpu().numpy().astype(np.int64) for k, v in given.items() if k in self.input_names}
-        if "token_type_ids" in self.input_names and token_type_ids is None:
-            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        (out,) = self.session.run([self.output_name], feeds)
-        return {self.output_name: torch.from_numpy(out)}
-
-
-def _load_onnx_model(model_name_or_path, config, task_name, **model_kwargs):
-    """sentence-transformers' `load_onnx_model` with onnxruntime in optimum's place: the same file lookup
-    (`model.onnx`, else `onnx/model.onnx`, or `model_kwargs["file_name"]`)."""
-    from sentence_transformers.backend.utils import backend_should_export
-
-    path = Path(model_name_or_path)
-    export, kwargs = backend_should_export(path, True, dict(model_kwargs), "model.onnx", "*.onnx", "ONNX")
-    if export:
-        raise FileNotFoundError(f"no ONNX model in {path}: export it first (embtune.export.export_onnx)")
-    file = path / (kwargs.get("subfolder") or "") / kwargs.get("file_name", "model.onnx")
-    return OnnxRuntimeModel(file, config, OUTPUT_NAME[task_name])
-
-
-@contextmanager
-def _onnxruntime_backend():
-    import sentence_transformers.base.modules.transformer as st_transformer
-
-    original = st_transformer.load_onnx_model
-    st_transformer.load_onnx_model = _load_onnx_model
-    try:
-        yield
-    finally:
-        st_transformer.load_onnx_model = original
-
-
-def load_onnx(folder: str | Path, reranker: bool = False):
-    """An exported folder as a SentenceTransformer (or, `reranker`, a CrossEncoder) on onnxruntime, loaded by
-    sentence-transformers' own code (`backend="onnx"`): its tokenizer, prompts, pooling and normalisation are
-    the folder's, so this is what any ONNX server reading the folder computes."""
-    with _onnxruntime_backend():
-        if reranker:
-            from .rerank import load_reranker
-
-            return load_reranker(str(folder), device="cpu", backend="onnx")
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(str(folder), device="cpu", backend="onnx")
-
-
 # ---------------------------------------------------------------------------------------------------- GGUF
 
 
@@ -249,80 +186,107 @@ class NoGGUF(RuntimeError):
     """No GGUF file could be written; the message says why and what works instead."""
 
 
-def fetch_llama_cpp(dest: str | Path, version: str = LLAMA_CPP_PYTHON) -> Path:
-    """llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/) from the source distribution of
-    llama-cpp-python on PyPI, which vendors llama.cpp: pip is the only client needed."""
-    dest = Path(dest)
-    if (dest / "convert_hf_to_gguf.py").exists():
-        return dest
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d",
-                        tmp, f"llama-cpp-python=={version}"], check=True, capture_output=True)  # fmt: skip
-        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        with tarfile.open(sdist) as tar, replace_dir(dest) as out:
-            for member in tar.getmembers():
-                rel = member.name.split("/vendor/llama.cpp/", 1)[-1] if "/vendor/llama.cpp/" in member.name else ""
-                if member.isfile() and rel.startswith(keep):
-                    member.name = rel
-                    tar.extract(member, out, filter="data")
-    return dest
+def find_converter(llama_cpp: str | None) -> Path:
+    """convert_hf_to_gguf.py from `llama_cpp` (a folder, or "pypi": fetched once into the cache); NoGGUF says
+    why not."""
+    try:
+        return converter(llama_cpp)
+    except NoLlamaCpp as e:
+        raise NoGGUF(str(e)) from None
 
 
-def find_converter(llama_cpp: str | None, cache: Path | None = None) -> Path:
-    """convert_hf_to_gguf.py from `llama_cpp` (a folder, or "pypi": fetched once into `cache`, by default
-    ~/.cache/embtune/llama.cpp-<version>), else $LLAMA_CPP_DIR; NoGGUF says why not."""
-    source = llama_cpp or os.environ.get("LLAMA_CPP_DIR")
-    if not source:
-        raise NoGGUF("no llama.cpp converter: set `llama_cpp` to a llama.cpp folder, or to \"pypi\" to fetch the "
-                     "one vendored in llama-cpp-python's source distribution")  # fmt: skip
-    if source == "pypi":
-        try:
-            folder = fetch_llama_cpp(cache or Path.home() / ".cache" / "embtune" / f"llama.cpp-{LLAMA_CPP_PYTHON}")
-        except (subprocess.CalledProcessError, OSError, ValueError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            raise NoGGUF(f"could not fetch llama.cpp's converter from PyPI: {detail.decode()[-300:] or e}") from None
-    else:
-        folder = Path(source).expanduser()
-    if not (folder / "convert_hf_to_gguf.py").exists():
-        raise NoGGUF(f"{folder} holds no convert_hf_to_gguf.py (a llama.cpp checkout has it at its root)")
-    return folder / "convert_hf_to_gguf.py"
+# Runs llama.cpp's converter with two things it cannot be told on its command line. (1) llama.cpp names a BPE
+# pre-tokenizer by a hash of the ids a fixed text gets, so a vocabulary it has not seen stops it even when the
+# pre-tokenizer is exactly Qwen's (`pre`, given only then). (2) For a Qwen3 reranker it stores a rerank template
+# with Qwen's web-search instruction hard-coded: the instruction the reranker was trained with replaces it.
+_CONVERT = """
+import runpy, sys
+folder, pre, old, new, *args = sys.argv[1:]
+sys.path[:0] = [folder, folder + "/gguf-py"]
+import gguf
+import conversion.base
+if pre:
+    conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+add = gguf.GGUFWriter.add_chat_template
+def add_chat_template(self, value):
+    if isinstance(value, list) and new:
+        value = [dict(t, template=t["template"].replace(old, new)) if t.get("name") == "rerank" else t for t in value]
+    add(self, value)
+gguf.GGUFWriter.add_chat_template = add_chat_template
+sys.argv = [folder + "/convert_hf_to_gguf.py", *args]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# The staging folder's name and card: what llama.cpp's converter reads to tell a Qwen3 reranker from a chat model
+# (its yes/no head, rank pooling and rerank template follow from that).
+RERANKER_NAME = "Qwen3-Reranker-finetuned"
 
 
-def export_gguf(model, model_dir: str | Path, out_file: str | Path, converter: Path, outtype: str = "f16") -> Path:
+def rerank_template(path: str | Path) -> str | None:
+    """The rerank template stored in a GGUF file (what llama-server fills with query and document), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template.rerank")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def export_gguf(model, model_dir: str | Path, out_file: str | Path, converter: Path, outtype: str = "f16",
+                reranker: bool = False, instruction: str | None = None) -> Path:  # fmt: skip
     """One GGUF file by llama.cpp's own converter, which reads the pooling from the sentence-transformers
     configs (modules.json, 1_Pooling) into the file. It converts from a staging folder: the weights linked, the
-    tokenizer as loaded (with its appended end token), so llama.cpp tokenizes as training did."""
+    tokenizer as loaded (with its appended end token), so llama.cpp tokenizes as training did. A causal-LM
+    reranker is staged under a Qwen3-Reranker name and card, so the converter writes a reranker (yes/no head,
+    rank pooling, rerank template carrying `instruction`); a file that would not be one is not written."""
+    from .encode import WEB_SEARCH_TASK
+
     out_file = Path(out_file)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "model"
+        staged = Path(tmp) / (RERANKER_NAME if reranker else "model")
         _copy_configs(Path(model_dir), staged, model.tokenizer)
+        if reranker:
+            write_text(staged / "README.md", f"# {RERANKER_NAME}\n\nFine-tuned by embtune from {model_dir}.\n")
         for pattern in ("*.safetensors", "*.safetensors.index.json"):
             for weights in Path(model_dir).glob(pattern):
                 (staged / weights.name).symlink_to(weights.resolve())
         partial = Path(tmp) / out_file.name
+        new = instruction.strip() if reranker and instruction and instruction.strip() != WEB_SEARCH_TASK else ""
+        pre = known_pre_tokenizer(staged / "tokenizer.json") if (staged / "tokenizer.json").exists() else ""
         # The converter's own gguf-py, not an installed gguf package of another version.
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        done = subprocess.run([sys.executable, str(converter), str(staged), "--outfile", str(partial), "--outtype",
-                               outtype], capture_output=True, text=True, env=env)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter.parent), pre, WEB_SEARCH_TASK, new,
+                               str(staged), "--outfile", str(partial), "--outtype", outtype],
+                              capture_output=True, text=True, env=env)  # fmt: skip
         if done.returncode:
             lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
             raise NoGGUF(f"llama.cpp's converter failed: {lines[-1] if lines else done.returncode}")
+        if reranker:
+            template = rerank_template(partial)
+            if template is None:
+                raise NoGGUF("llama.cpp's converter did not make a reranker of it (no rerank template): llama-server "
+                             "would serve it as a plain language model")  # fmt: skip
+            if (new or WEB_SEARCH_TASK) not in template:
+                raise NoGGUF("the GGUF's rerank template does not carry the instruction the reranker was trained "
+                             f"with ({new or WEB_SEARCH_TASK!r})")  # fmt: skip
         out_file.parent.mkdir(parents=True, exist_ok=True)
         landing = out_file.with_name(f".{out_file.name}.partial")  # /tmp may be another disk: move, then rename
         shutil.move(partial, landing)
         os.replace(landing, out_file)
-    write_text(out_file.parent / "Modelfile", f"FROM ./{out_file.name}\n")
+    # Ollama's context is 2048 by default and shared by nothing else: the model's own length suffices
+    context = model.max_seq_length
+    write_text(out_file.parent / "Modelfile", f"FROM ./{out_file.name}\nPARAMETER num_ctx {context}\n")
     return out_file
 
 
 # ---------------------------------------------------------------------------------------------------- all
 
 
-def export_model(model, model_dir: str | Path, out: str | Path, config: ExportConfig, reranker: bool = False) -> dict:
+def export_model(model, model_dir: str | Path, out: str | Path, config: ExportConfig) -> dict:
     """Every format asked for, into `out/`; {format: path} for what was written and {format: reason} under
-    "skipped" for what was not (a GGUF converter missing or refusing the model)."""
+    "skipped" for what was not (a GGUF converter missing or refusing the model). `model` is the loaded
+    SentenceTransformer or CrossEncoder (a reranker)."""
+    from sentence_transformers import CrossEncoder
+
     out = Path(out)
+    reranker = isinstance(model, CrossEncoder)
     written, skipped = {}, {}
     unknown = set(config.formats) - set(FORMATS)
     if unknown:
@@ -336,10 +300,13 @@ def export_model(model, model_dir: str | Path, out: str | Path, config: ExportCo
             shutil.rmtree(out / "onnx")
             del written["onnx"]
     if "gguf" in config.formats:
+        from .rerank import is_causal
+
+        causal_reranker = reranker and is_causal(model)
         try:
-            converter = find_converter(config.llama_cpp)
             gguf = out / "gguf" / f"model-{config.gguf_outtype}.gguf"
-            written["gguf"] = str(export_gguf(model, model_dir, gguf, converter, config.gguf_outtype))
+            written["gguf"] = str(export_gguf(model, model_dir, gguf, find_converter(config.llama_cpp),
+                                              config.gguf_outtype, causal_reranker, config.instruction))  # fmt: skip
         except NoGGUF as e:
             skipped["gguf"] = str(e)
     return {"written": written, "skipped": skipped}
@@ -376,75 +343,69 @@ def load(name: str, path: str | Path):
 
 
 def check_exports(config: ExportConfig, name: str, model_dir: str | Path, model, written: dict) -> list[dict]:
-    """The parity check (`embtune.serving`) of every export written, and of the servers named in the config:
-    one dict per target, the numbers or {"target", "skipped": why}."""
+    """The parity check (`embtune.serving`) of every export written (the GGUF file through llama-server), and of
+    the servers named in the config: one dict per target. A target that could not be run is a failed row with
+    its `error`; the other rows are kept."""
     from . import serving
 
-    results = []
     reranker = name == "reranker"
     run = serving.check_reranker if reranker else serving.check
     kw = {"instruction": config.instruction, "batch_size": config.batch_size, "model": model}
-    for fmt in ("onnx", "onnx-int8", "onnx-int8-dynamic"):
-        if fmt in written:
-            results.append(run(model_dir, written[fmt], precision="int8" if "int8" in fmt else "float", **kw))
+    targets = [(written[f], "int8" if "int8" in f else "float") for f in FORMATS if f in written and f != "gguf"]
     if "gguf" in written:
         quantized = config.gguf_outtype not in ("f32", "f16", "bf16")
-        if reranker:
-            results.append({"target": Path(written["gguf"]).name, "skipped": "check a GGUF reranker through "
-                            "llama-server --reranking with rerank_url (SERVING.md)"})  # fmt: skip
-        elif importlib.util.find_spec("llama_cpp") is None:
-            results.append({"target": Path(written["gguf"]).name, "skipped": "llama-cpp-python is not installed "
-                            "(pip install llama-cpp-python: it compiles llama.cpp); or serve the file with "
-                            "llama-server and set serve_url"})  # fmt: skip
-        else:
-            results.append(run(model_dir, written["gguf"], precision="int8" if quantized else "float", **kw))
+        targets.append((written["gguf"], "int8" if quantized else "float"))
+    results = [run(model_dir, target, precision=precision, llama_server=config.llama_server, **kw).to_dict()
+               for target, precision in targets]  # fmt: skip
     url = config.rerank_url if reranker else config.serve_url
     if url:
-        results.append(run(model_dir, url, served_model=config.served_model, **kw))
-    return [r if isinstance(r, dict) else r.to_dict() for r in results]
+        results.append(run(model_dir, url, served_model=config.served_model, **kw).to_dict())
+    return results
 
 
 def parity_table(results: list[dict]) -> str:
-    """The markdown table of `check_exports` results (skipped targets as a row saying why)."""
+    """The markdown table of `check_exports` results."""
     from .serving import Parity, table
 
-    checked = [Parity(**r) for r in results if "skipped" not in r]
-    lines = table(checked).splitlines()
-    lines += [f"| {r['target']} | | | | | | skipped | {r['skipped']} |" for r in results if "skipped" in r]
-    return "\n".join(lines)
+    return table([Parity(**r) for r in results])
 
 
 # ---------------------------------------------------------------------------------------------------- SERVING.md
 
 
-def _pooling(model) -> str | None:
-    from sentence_transformers.sentence_transformer.modules import Pooling
+def _consumer_block(out: Path) -> list[str]:
+    """consumer.py written beside SERVING.md and shown in it: the client code the parity check itself runs."""
+    from . import consumer
 
-    return next((m.pooling_mode for m in model if isinstance(m, Pooling)), None)
+    source = Path(consumer.__file__).read_text()
+    write_text(out / "consumer.py", source)
+    return ["<details><summary>consumer.py (written beside this file; the parity check runs this exact code)"
+            "</summary>", "", "```python", source.rstrip(), "```", "</details>"]  # fmt: skip
 
 
 def serving_markdown(name: str, model_dir: str | Path, model, result: dict, config: ExportConfig) -> str:
     """SERVING.md for one exported model, written from the model's own configuration (prompts, pooling,
-    maximum length, end token): the commands for TEI, vLLM, llama.cpp and Ollama, and the client code."""
+    maximum length, end token): the client code (`embtune.consumer`, copied beside it), and the commands for
+    the ONNX client, TEI, vLLM, llama.cpp and Ollama."""
     if name == "reranker":
         return _reranker_markdown(model_dir, model, result, config)
     from .encode import end_token, query_prompt, uses_last_token
+    from .llama_cpp import embedding_context
+    from .serving import llama_pooling, pooling_mode
 
     model_dir = Path(model_dir).resolve()
+    out = out_dir(config, name).resolve()
     prompt = query_prompt(model, config.instruction)
     doc_prompt = model.prompts.get("document") or ""
-    pooling = _pooling(model) or "the model's own"
-    last = uses_last_token(model)
+    pooling = pooling_mode(model) or "the model's own"
     length = model.max_seq_length
-    tokenizer = model.tokenizer
-    added = len(tokenizer("a")["input_ids"]) - len(tokenizer("a", add_special_tokens=False)["input_ids"])
     gguf = result["written"].get("gguf")
-    served = config.served_model or str(model_dir)
-    pool_flag = {"lasttoken": "last", "mean": "mean", "cls": "cls"}.get(_pooling(model) or "", "mean")
-    tei_pool = {"lasttoken": "last-token", "mean": "mean", "cls": "cls"}.get(_pooling(model) or "", "mean")
+    tag = model_dir.name.lower()
+    tei_pool = {"lasttoken": "last-token", "mean": "mean", "cls": "cls"}.get(pooling_mode(model) or "", "mean")
     end = (f"- The tokenizer appends `{end_token(model.tokenizer)}` to every text (tokenizer.json's post-processor, "
-           "kept when a text is truncated) and pads on the left: serve with this folder's tokenizer files.\n"
-           if last else "")  # fmt: skip
+           "kept when a text is truncated) and pads on the left: serve with this folder's tokenizer files."
+           if uses_last_token(model) else None)  # fmt: skip
+    onnx = result["written"].get("onnx-int8") or result["written"].get("onnx")
     lines = [
         f"# Serving {model_dir.name}",
         "",
@@ -459,45 +420,40 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
         "common cause of served embeddings that retrieve worse than the fine-tuned model did.",
         f"- Pooling: **{pooling}**, then L2-normalised; {model.get_embedding_dimension()} dimensions "
         "(Matryoshka: keep the first d and normalise again).",
-        end.rstrip("\n"),
-        f"- Inputs are truncated at **{length} tokens** (the model's max_seq_length), the end token kept. Servers "
-        "truncate at their own limits, and llama.cpp after appending the end token, which cuts it: the client "
-        "below cuts long texts itself, where the model would.",
+        end,
+        f"- Inputs are truncated at **{length} tokens** (sentence_bert_config.json's max_seq_length), the end token "
+        "kept. Servers read other limits (config.json's max_position_embeddings, their own flags) and llama.cpp "
+        "refuses or cuts after appending the end token: the client below cuts long texts itself, where the model "
+        "would.",
         "",
         "## Files",
     ]
     lines = [x for x in lines if x is not None]
-    for fmt, path in result["written"].items():
-        lines.append(f"- `{fmt}`: `{Path(path).resolve()}`")
-    for fmt, why in result["skipped"].items():
-        lines.append(f"- `{fmt}`: not written: {why}.")
+    lines += [f"- `{fmt}`: `{Path(path).resolve()}`" for fmt, path in result["written"].items()]
+    lines += [f"- `{fmt}`: not written: {why}." for fmt, why in result["skipped"].items()]
     lines += [
-        "- The safetensors model for TEI and vLLM is the run's own model folder: " f"`{model_dir}`.",
+        f"- The safetensors model for TEI and vLLM is the run's own model folder: `{model_dir}`.",
+        "- `consumer.py`: the client code below (numpy, tokenizers, onnxruntime; nothing of embtune).",
         "",
-        "## Client: any OpenAI-compatible server (TEI, vLLM, llama.cpp, Ollama)",
+        "## Client",
         "```python",
-        "import json, urllib.request",
-        "",
-        "from tokenizers import Tokenizer  # the model's own tokenizer, to cut long texts where the model does",
+        "from consumer import OnnxEmbedder, clipper, http_embed  # consumer.py, beside this file",
         "",
         f"QUERY_PROMPT = {json.dumps(prompt)}  # from the model's config_sentence_transformers.json",
-        'URL = "http://localhost:8080/v1/embeddings"  # vLLM: port 8000; Ollama: 11434',
-        f'TOKENIZER = Tokenizer.from_file("{model_dir / "tokenizer.json"}")',
-        f"MAX_TOKENS = {length - added}  # max_seq_length {length}, less the {added} token(s) the tokenizer adds",
         "",
-        "def clip(text):  # servers truncate otherwise: llama.cpp after appending the end token, which cuts it",
-        "    enc = TOKENIZER.encode(text, add_special_tokens=False)",
-        "    return text if len(enc.ids) <= MAX_TOKENS else text[: enc.offsets[MAX_TOKENS - 1][1]]",
+        "# ONNX, in-process: tokenizers + onnxruntime + the folder's own pooling and normalisation",
+        *([f'onnx = OnnxEmbedder("{Path(onnx).resolve()}")',
+           "query_vectors = onnx.embed([QUERY_PROMPT + q for q in queries])",
+           "document_vectors = onnx.embed(documents)"] if onnx else ["# (no ONNX export was written)"]),  # fmt: skip
         "",
-        "def embed(texts):",
-        f'    body = json.dumps({{"model": {json.dumps(served)}, "input": [clip(t) for t in texts]}}).encode()',
-        '    request = urllib.request.Request(URL, body, {"Content-Type": "application/json"})',
-        "    data = json.loads(urllib.request.urlopen(request).read())[\"data\"]",
-        '    return [d["embedding"] for d in sorted(data, key=lambda d: d["index"])]',
-        "",
-        "query_vectors = embed([QUERY_PROMPT + q for q in queries])  # queries: with the prompt",
-        "document_vectors = embed(documents)  # documents: as they are",
+        "# Any OpenAI-compatible server: batches of 32 with a timeout and retries; texts cut where the model cuts",
+        f'clip = clipper("{model_dir}")',
+        'URL, MODEL = "http://localhost:8080/v1", None  # TEI and llama-server (they serve one model)',
+        f'# vLLM: "http://localhost:8000/v1", "{model_dir}"; Ollama: "http://localhost:11434/v1", "{tag}"',
+        "query_vectors = http_embed(URL, [clip(QUERY_PROMPT + q) for q in queries], MODEL)",
+        "document_vectors = http_embed(URL, [clip(d) for d in documents], MODEL)",
         "```",
+        *_consumer_block(out),
         "",
         "## text-embeddings-inference (TEI)",
         "```bash",
@@ -505,54 +461,56 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
         f"    --model-id /model --pooling {tei_pool} --auto-truncate",
         "# on a GPU: the image tag for your card from TEI's README (e.g. 1.8 for A100, hopper-1.8), with --gpus all",
         "```",
-        f"Check `curl localhost:8080/info`: `max_input_length` must be {length}. TEI's native `/embed` also takes "
-        '`"prompt_name": "query"` and adds the query prompt itself (it reads config_sentence_transformers.json); '
-        "never start TEI with `--default-prompt-name query`, which would prompt documents too.",
+        f"Check `curl localhost:8080/info`: `max_input_length` must be {length}. TEI takes at most 32 inputs a request "
+        "by default (`--max-client-batch-size`); the client sends 32. Never start TEI with "
+        "`--default-prompt-name query`: it would prompt documents too.",
         "",
         "## vLLM",
         "```bash",
         f"vllm serve {model_dir} --runner pooling --max-model-len {length}   # vLLM before 0.10: --task embed",
         "```",
-        "vLLM reads the pooling and normalisation from the sentence-transformers files. It rejects inputs longer "
-        f"than `--max-model-len` unless the request sets `truncate_prompt_tokens`; keep documents under {length} "
-        "tokens (or check how your vLLM version truncates with `embtune.serving.check`).",
+        "vLLM reads the pooling and normalisation from the sentence-transformers files and rejects inputs longer "
+        "than `--max-model-len`: the client's `clip` keeps them within it.",
         "",
         "## llama.cpp and Ollama (GGUF)",
     ]
+    context = embedding_context(length)
     if gguf:
         gguf = Path(gguf).resolve()
         lines += [
             "```bash",
-            f"llama-server -m {gguf} --embedding --pooling {pool_flag} -c {length} -ub {length} --port 8080",
-            f"cd {gguf.parent} && ollama create {model_dir.name.lower()} -f Modelfile",
+            shlex.join(server_command(gguf, length=context, pooling=llama_pooling(model))),
+            f"cd {gguf.parent} && ollama create {tag} -f Modelfile",
             "```",
-            "Ollama answers at http://localhost:11434/v1/embeddings with "
-            f'`"model": "{model_dir.name.lower()}"`; the client above works for both, the query prompt included.',
+            "One slot (`-np 1`): llama-server splits `-c` among its slots, and a text must fit one physical batch "
+            "(`-ub`). The query prompt is the client's job here too. Ollama answers at "
+            f'http://localhost:11434/v1 with `model="{tag}"` (the name given to `ollama create`).',
         ]
     else:
         lines += [
             "No GGUF file was written here (see Files). llama.cpp's converter makes one from the model folder:",
             "```bash",
-            "git clone https://github.com/ggml-org/llama.cpp   # or: pip download --no-deps --no-binary :all: "
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON} (vendor/llama.cpp)",
-            f"python llama.cpp/convert_hf_to_gguf.py {model_dir} --outfile model-f16.gguf --outtype f16",
-            f"llama-server -m model-f16.gguf --embedding --pooling {pool_flag} -c {length} -ub {length} --port 8080",
-            f"echo 'FROM ./model-f16.gguf' > Modelfile && ollama create {model_dir.name.lower()} -f Modelfile",
+            "pip download --no-deps --no-binary :all: "
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON}   # its vendor/llama.cpp holds the converter and the server",
+            f"python vendor/llama.cpp/convert_hf_to_gguf.py {model_dir} --outfile model-f16.gguf --outtype f16",
+            shlex.join(server_command("model-f16.gguf", length=context, pooling=llama_pooling(model))),
+            f"printf 'FROM ./model-f16.gguf\\nPARAMETER num_ctx {length}\\n' > Modelfile",
+            f"ollama create {tag} -f Modelfile",
             "```",
-            "The converter reads the pooling from modules.json / 1_Pooling. It identifies the tokenizer by a hash "
-            "of its pre-tokenizer: a tokenizer it does not know stops it (\"BPE pre-tokenizer was not "
-            "recognized\"); Qwen3's and BERT's are known.",
+            "The converter identifies the tokenizer by a hash of its pre-tokenizer: a tokenizer it does not know "
+            "stops it (\"BPE pre-tokenizer was not recognized\"); Qwen3's and BERT's are known.",
         ]
     lines += [
         "",
         "## Prove it: served = trained",
         "```python",
         "from embtune.serving import check",
-        f'print(check("{model_dir}", "http://localhost:8080/v1", served_model={json.dumps(served)}))',
+        f'print(check("{model_dir}", "http://localhost:8080/v1"))  # vLLM / Ollama: served_model=MODEL',
         "```",
-        "It encodes fixed queries (with the prompt) and documents (some longer than the limit) both ways and names "
-        "the cause of any difference: instruction missing, pooling, padding side, end token missing, truncation. "
-        "This run's checks of the exported files are in `parity.json`.",
+        "It encodes fixed queries (with the prompt) and documents (some longer than the limit, sent clipped and "
+        "once unclipped) with plain sentence-transformers and through the server, and names the cause of any "
+        "difference: instruction missing, query prompt on every text, pooling, padding side, end token missing, "
+        "truncation, not normalised. This run's checks of the exported files are in `parity.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -563,19 +521,42 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
     from .rerank import PREFIX, SUFFIX, is_causal
 
     model_dir = Path(model_dir).resolve()
+    out = out_dir(config, "reranker").resolve()
     causal = is_causal(model)
     task = WEB_SEARCH_TASK if config.instruction is None else config.instruction
+    onnx = result["written"].get("onnx-int8") or result["written"].get("onnx")
+    gguf = result["written"].get("gguf")
     lines = [f"# Serving the reranker {model_dir.name}", "",
              f"Written by embtune (notebook 07) from `{model_dir}`; regenerate it rather than edit it.", "",
              "## Files"]  # fmt: skip
     lines += [f"- `{fmt}`: `{Path(path).resolve()}`" for fmt, path in result["written"].items()]
     lines += [f"- `{fmt}`: not written: {why}." for fmt, why in result["skipped"].items()]
-    lines.append(f"- The safetensors model for vLLM and TEI: `{model_dir}`.")
+    lines += [f"- The safetensors model for vLLM and TEI: `{model_dir}`.",
+              "- `consumer.py`: the client code below (nothing of embtune)."]  # fmt: skip
     if causal:
         lines += [
             "",
-            "A Qwen3-Reranker-style causal LM: the score is P(yes) read from the `yes`/`no` logits after Qwen's "
-            "prompt. Servers do not build that prompt: the client sends the query part and the document part.",
+            "A Qwen3-Reranker-style causal LM: the score is P(yes), the softmax of the `yes`/`no` logits after "
+            f"Qwen's prompt, with the instruction it was trained with: {json.dumps(task)}.",
+            "",
+            "## Client",
+            "```python",
+            "from consumer import OnnxReranker, http_rerank  # consumer.py, beside this file",
+            "",
+            f"TASK = {json.dumps(task)}",
+            f"PREFIX = {json.dumps(PREFIX)}",
+            f"SUFFIX = {json.dumps(SUFFIX)}",
+            "",
+            *([f'onnx = OnnxReranker("{Path(onnx).resolve()}")  # in-process: the model card\'s prompt',
+               "scores = onnx.scores([(query, d) for d in documents], TASK)"] if onnx else []),  # fmt: skip
+            "# llama-server --reranking: the GGUF's rerank template carries TASK; send the texts as they are",
+            'scores = http_rerank("http://localhost:8080/v1/rerank", query, documents)',
+            "# vLLM /score: the client writes Qwen's template around the texts",
+            'scores = http_rerank("http://localhost:8000/score", f"{PREFIX}<Instruct>: {TASK}\\n<Query>: {query}\\n",',
+            '                     [f"<Document>: {d}{SUFFIX}" for d in documents],',
+            f"                     model={json.dumps(str(model_dir))})",
+            "```",
+            *_consumer_block(out),
             "",
             "## vLLM (/score)",
             "```bash",
@@ -583,26 +564,17 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
             "'{\"architectures\": [\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": [\"no\", "
             "\"yes\"], \"is_original_qwen3_reranker\": true}'   # vLLM before 0.10: --task score",
             "```",
-            "```python",
-            "import json, urllib.request",
             "",
-            f"PREFIX = {json.dumps(PREFIX)}",
-            f"SUFFIX = {json.dumps(SUFFIX)}",
-            f"TASK = {json.dumps(task)}",
-            "",
-            "def scores(query, documents, url=\"http://localhost:8000/score\"):",
-            '    body = {"text_1": f"{PREFIX}<Instruct>: {TASK}\\n<Query>: {query}\\n",',
-            '            "text_2": [f"<Document>: {d}{SUFFIX}" for d in documents]}',
-            '    headers = {"Content-Type": "application/json"}',
-            '    request = urllib.request.Request(url, json.dumps(body).encode(), headers)',
-            '    data = json.loads(urllib.request.urlopen(request).read())["data"]',
-            '    return [d["score"] for d in sorted(data, key=lambda d: d["index"])]  # P(relevant)',
-            "```",
-            "",
-            "## llama.cpp",
-            "`llama-server -m <the GGUF> --reranking` answers `/v1/rerank`; the converter stores the yes/no head "
-            "and the rerank template in the file.",
+            "## llama.cpp (/v1/rerank)",
         ]
+        if gguf:
+            command = server_command(Path(gguf).resolve(), length=model.max_seq_length, rerank=True)
+            lines += ["```bash", shlex.join(command), "```",
+                      "The converter was given the reranker's name and card, so the file holds the yes/no head, rank "
+                      "pooling and the rerank template, with the instruction above in place of Qwen's default one; "
+                      "llama-server fills in query and document and returns P(yes)."]  # fmt: skip
+        else:
+            lines.append("No GGUF file was written (see Files).")
     else:
         lines += [
             "",
@@ -612,14 +584,17 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
             "```bash",
             f"docker run -p 8080:80 -v {model_dir}:/model ghcr.io/huggingface/text-embeddings-inference:cpu-1.8 "
             "--model-id /model --auto-truncate",
-            "curl localhost:8080/rerank -H 'Content-Type: application/json' \\",
-            "    -d '{\"query\": \"...\", \"texts\": [\"...\", \"...\"], \"raw_scores\": false}'",
             "```",
+            "```python",
+            "from consumer import http_rerank  # consumer.py, beside this file",
+            'scores = http_rerank("http://localhost:8080/rerank", query, documents)  # raw_scores=false: P(relevant)',
+            "```",
+            *_consumer_block(out),
             "## vLLM (/score)",
-            f"`vllm serve {model_dir} --runner pooling` (before 0.10: `--task score`), then POST /score with "
-            '`{"text_1": query, "text_2": [documents]}`.',
+            f"`vllm serve {model_dir} --runner pooling` (before 0.10: `--task score`), then "
+            'http_rerank("http://localhost:8000/score", query, documents).',
         ]
-    check = f'print(check_reranker("{model_dir}", "http://localhost:8000/score"))  # or …/rerank'
+    check = f'print(check_reranker("{model_dir}", "http://localhost:8000/score"))  # or …/v1/rerank, …/rerank'
     lines += ["", "## Prove it", "```python", "from embtune.serving import check_reranker", check, "```", ""]
     return "\n".join(lines)
 

@@ -1,22 +1,30 @@
 """Prove that served embeddings are the trained ones: `check(model_dir, target)`.
 
-The fine-tuned model in sentence-transformers (through `embtune.encode.encode`, the suite's source of truth) and a
-target encode the same fixed texts: queries with the model's query prompt, documents of mixed lengths (some
-longer than the model's max_seq_length, so truncation is exercised; batches of mixed lengths, so padding is).
-A target is an exported ONNX folder, a GGUF file (llama-cpp-python), any OpenAI-compatible `/v1` URL (TEI,
-vLLM, Ollama and llama.cpp's server all speak it), or a function from texts to vectors. Like a real client,
-the check sends raw texts and adds the query prompt itself, exactly as SERVING.md tells you to.
+Two sides reached by independent code. The reference is the model folder loaded by plain sentence-transformers in
+a process that imports nothing of embtune (`embtune.consumer`, run as a script). The target is reached the way
+SERVING.md deploys it, with no embtune code in between: an exported ONNX folder through SERVING.md's consumer
+client (tokenizers + onnxruntime + the pooling the folder declares, the same file run as a script); a GGUF file
+through `llama-server` started with SERVING.md's exact command (`embtune.llama_cpp`); any OpenAI-compatible `/v1`
+URL (TEI, vLLM, Ollama) through SERVING.md's HTTP client; or a function from texts to vectors.
 
-Reported: min and median cosine between the two embeddings of each text, and how often a small retrieval run
-over the documents returns the same top 10 (swaps among documents the model scores within 1 - threshold of its
-10th, near-ties the precision allows, do not count). Passing means min cosine >= 0.999 (float) or 0.99 (int8)
-and an identical top-10 set on >= 95 % of queries. A failure is diagnosed: plain
-sentence-transformers re-encodes the texts under each known way serving goes wrong (instruction missing, other
-pooling, right padding read at the last position, no end token, other truncation) and the hypothesis whose
-embeddings match the target's best is named as the cause.
+The fixed texts: queries with the query prompt written in front (as the client does), documents of mixed
+lengths, some longer than the model's max_seq_length; a server receives them clipped where the model truncates
+(as SERVING.md's client clips) and, once more, the long ones unclipped, so its own truncation is checked too.
 
-Rerankers: `check_reranker(model_dir, target)` against an ONNX folder, a `/rerank` (TEI or Cohere-style) or a
-`/score` (vLLM) URL: the max abs difference of P(relevant) and an identical order of each query's candidates.
+Reported: min and median cosine between the two embeddings of each text, how far the vector lengths differ
+(a server that does not L2-normalise a normalised model fails), and how often a small retrieval run returns the
+same top 10 (swaps among documents the model scores within 1 - threshold of its 10th, near-ties the precision
+allows, do not count). Passing means min cosine >= 0.999 (float) or 0.99 (int8), lengths within the same
+tolerance, the long texts sent unclipped embedded as the model embeds them (or refused), and an identical top-10
+set on >= 95 % of queries. A failure is diagnosed: plain sentence-transformers modules re-encode the texts under
+each known way serving goes wrong (instruction missing, query prompt on every text, other pooling, right padding
+read at the last position, no end token, other truncation), and the hypothesis that matches the target best is
+named as the cause. A target that cannot be reached (a server error, a binary that could not be built) is that
+row's `error`, and the row fails.
+
+Rerankers: `check_reranker(model_dir, target)` against an ONNX folder (the consumer's reranker client), a GGUF
+file (`llama-server --reranking`, `/v1/rerank`), a `/v1/rerank`, `/rerank` (TEI) or `/score` (vLLM) URL, or a
+function: the max abs difference of P(relevant), each query's Spearman correlation and its top 3.
 """
 
 from __future__ import annotations
@@ -24,19 +32,28 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import urllib.request
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .encode import encode, query_prompt, uses_last_token
+from . import consumer, llama_cpp
+from .encode import query_prompt, uses_last_token
 
 THRESHOLDS = {"float": 0.999, "int8": 0.99}
 RERANK_THRESHOLDS = {"float": 1e-3, "int8": 0.05}  # max abs difference of P(relevant)
-MIN_IDENTICAL = 0.95  # share of queries whose top 10 (reranker: candidate order) must be identical
+MIN_IDENTICAL = 0.95  # share of queries whose top 10 (reranker: top 3) must be identical
+MIN_SPEARMAN = 0.99  # reranker: the rank correlation of each query's candidates
 TOP_K = 10
+RERANK_TOP = 3
+
+
+class TargetError(RuntimeError):
+    """The target (or the reference) could not be run: the message says where it failed."""
+
 
 QUERIES = [
     "how do I catch an exception and run cleanup code",
@@ -99,11 +116,15 @@ class Parity:
     n_documents: int
     min_cosine: float | None = None  # embedder
     median_cosine: float | None = None
+    norm_error: float | None = None  # embedder: max relative difference of the vector lengths
+    long_texts: str | None = None  # embedder: what the target did with texts sent unclipped
     max_abs_diff: float | None = None  # reranker: P(relevant)
-    identical: float = 0.0  # share of queries with the identical top 10 (reranker: candidate order)
-    overlap: float = 0.0  # mean overlap of the top 10
+    min_spearman: float | None = None  # reranker: the lowest rank correlation of one query's candidates
+    identical: float = 0.0  # share of queries with the identical top 10 (reranker: top 3)
+    overlap: float = 0.0  # mean overlap of the top 10 (reranker: top 3)
     passed: bool = False
     cause: str | None = None
+    error: str | None = None  # the target could not be run
     hypotheses: dict[str, float] = field(default_factory=dict)  # min cosine of each re-encoding to the target
     worst: list = field(default_factory=list)  # [cosine, tokens, the text's start] of the three least alike texts
 
@@ -113,24 +134,50 @@ class Parity:
 
 def table(results: list[Parity]) -> str:
     """A markdown table of checks, for reports."""
-    rows = ["| target | precision | min cos | median cos | max abs diff | identical top-10 | passed | cause |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| target | precision | min cos | median cos | max abs diff | min spearman | identical top-k | passed "
+            "| cause |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
 
     for r in results:
         rows.append(f"| {r.target} | {r.precision} | {num(r.min_cosine, '.5f')} | {num(r.median_cosine, '.5f')} | "
-                    f"{num(r.max_abs_diff, '.4f')} | {r.identical:.0%} | {'yes' if r.passed else 'no'} | "
-                    f"{r.cause or ''} |")  # fmt: skip
+                    f"{num(r.max_abs_diff, '.4f')} | {num(r.min_spearman, '.4f')} | {r.identical:.0%} | "
+                    f"{'yes' if r.passed else 'no'} | {r.cause or r.error or ''} |")  # fmt: skip
     return "\n".join(rows)
 
 
-# ---------------------------------------------------------------------------------------------------- targets
+# ---------------------------------------------------------------------------------------------------- the two sides
+
+
+_REFERENCES: dict = {}  # the reference's replies in this process, by model folder (its files' sizes and times)
+
+
+def consume(kind: str, source, request: dict, timeout: float = 3600) -> dict:
+    """`embtune/consumer.py` run as a script (python -I: no embtune on its path) on `request`; its JSON reply.
+    The reference (plain sentence-transformers on a folder) is run once per folder state and request."""
+    key = None
+    if kind in ("sentence-transformers", "cross-encoder"):
+        files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(source).rglob("*") if p.is_file())
+        key = (kind, str(source), tuple(files), json.dumps(request))
+        if key in _REFERENCES:
+            return _REFERENCES[key]
+    script = Path(consumer.__file__)
+    done = subprocess.run([sys.executable, "-I", str(script), kind, str(source)], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if done.returncode:
+        lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
+        raise TargetError(f"{kind} on {source}: {lines[-1] if lines else done.returncode}")
+    reply = json.loads(done.stdout)
+    if reply.pop("imported_embtune"):  # the independence this check rests on
+        raise TargetError(f"the {kind} consumer imported embtune")
+    if key:
+        _REFERENCES[key] = reply
+    return reply
 
 
 def _unit(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -138,70 +185,10 @@ def _batches(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
-def clip_texts(tokenizer, texts: list[str], max_seq_length: int) -> list[str]:
-    """Texts cut where the model would truncate them: at most `max_seq_length` tokens once the tokenizer has
-    added its own (Qwen3's end token; BERT's [CLS] and [SEP]). The cut is made in the text, at a token's end
-    offset, so any server then tokenizes, appends the end token and embeds what the model embedded. Servers
-    truncate otherwise (llama.cpp after appending the end token, which cuts it; TEI and vLLM at their own
-    limits), so SERVING.md's client clips and this check does the same."""
-    added = len(tokenizer("a")["input_ids"]) - len(tokenizer("a", add_special_tokens=False)["input_ids"])
-    keep = max_seq_length - added
-    out = []
-    for text in texts:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        out.append(text if len(enc["input_ids"]) <= keep else text[: enc["offset_mapping"][keep - 1][1]])
-    return out
-
-
-def _post(url: str, body: dict, timeout: float = 120):
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def openai_embed(url: str, model: str | None = None, timeout: float = 120):
-    """A function texts -> vectors over an OpenAI-compatible `/v1/embeddings` endpoint (`url` is the base,
-    e.g. http://localhost:8080/v1, or the full …/embeddings URL). Texts go as they are: no prompt added."""
-    endpoint = url.rstrip("/") if url.rstrip("/").endswith("/embeddings") else url.rstrip("/") + "/embeddings"
-
-    def embed(texts: list[str]) -> np.ndarray:
-        body = {"input": texts, **({"model": model} if model else {})}
-        data = sorted(_post(endpoint, body, timeout)["data"], key=lambda d: d["index"])
-        return np.array([d["embedding"] for d in data], dtype=np.float32)
-
-    return embed
-
-
-def gguf_embed(path: str | Path, n_ctx: int = 512, n_threads: int | None = None):
-    """A function texts -> vectors by llama-cpp-python on a GGUF file, with the pooling stored in the file."""
-    from llama_cpp import Llama
-
-    # llama-cpp-python's default is half the cores; torch's (all of them) makes speed comparisons fair
-    llm = Llama(model_path=str(path), embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                n_threads=n_threads or torch.get_num_threads(), verbose=False)  # fmt: skip
-
-    def embed(texts: list[str]) -> np.ndarray:
-        return np.array(llm.embed(texts, normalize=True, truncate=True), dtype=np.float32)
-
-    return embed
-
-
-def _target_encoder(target, model, served_model: str | None):
-    """(name, encode(texts, kind, prompt) -> vectors, sends batches itself) for any kind of target."""
+def _name(target) -> str:
     if callable(target):
-        return getattr(target, "__name__", "function"), target, True
-    name = str(target)
-    if name.startswith(("http://", "https://")):
-        return name, openai_embed(name, served_model), True
-    path = Path(target)
-    if path.suffix == ".gguf":
-        # llama.cpp truncates at its context size; a multiple of 256, or BERT models fail its matrix-shape asserts
-        return path.name, gguf_embed(path, n_ctx=-(-model.max_seq_length // 256) * 256), True
-    if (path / "onnx").is_dir() or path.suffix == ".onnx":
-        from .export import load_onnx
-
-        return path.name, load_onnx(path), False
-    raise ValueError(f"{target!r} is neither a URL, a .gguf file, an exported ONNX folder nor a function")
+        return getattr(target, "__name__", "function")
+    return str(target) if _is_url(target) else Path(target).name
 
 
 def _guess_precision(target) -> str:
@@ -209,63 +196,139 @@ def _guess_precision(target) -> str:
     return "int8" if re.search(r"int8|q8_0|q4|q5|q6|qint|quant", name) else "float"
 
 
+def pooling_mode(model) -> str | None:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    return next((m.pooling_mode for m in model if isinstance(m, Pooling)), None)
+
+
+def llama_pooling(model) -> str:
+    """llama-server's --pooling for the model's Pooling module."""
+    return {"lasttoken": "last", "mean": "mean", "cls": "cls"}.get(pooling_mode(model) or "", "mean")
+
+
+def _over_http(url: str, sent: list[list[str]], long: list[str], served_model: str | None):
+    """What a server returns for `sent` (clipped, as SERVING.md's client sends texts), and for the long texts
+    unclipped: (vectors, vectors of the long texts or the server's refusal as a string)."""
+    got = np.concatenate([consumer.http_embed(url, batch, served_model) for batch in sent])
+    try:
+        probe = consumer.http_embed(url, long, served_model, retries=0) if long else None
+    except RuntimeError as e:
+        probe = str(e)
+    return got, probe
+
+
+def _target_vectors(target, model, sent, long, served_model, llama_server):
+    """(vectors of the texts in `sent`, vectors of `long` sent unclipped: or the refusal, or None: not sent)."""
+    if callable(target):
+        return np.concatenate([np.asarray(target(b)) for b in sent]), (np.asarray(target(long)) if long else None)
+    if _is_url(target):
+        return _over_http(str(target), sent, long, served_model)
+    path = Path(target)
+    if path.suffix == ".gguf":
+        binary = llama_cpp.find_server(llama_server)
+        length = llama_cpp.embedding_context(model.max_seq_length)
+        with llama_cpp.serve(binary, path, length=length, pooling=llama_pooling(model)) as url:
+            return _over_http(url + "/v1", sent, long, served_model)
+    if (path / "onnx").is_dir():  # the client truncates by the folder's own configuration: nothing is clipped
+        return np.asarray(consume("onnx", path, {"texts": [t for batch in sent for t in batch]})["vectors"]), None
+    raise ValueError(f"{target!r} is neither a URL, a .gguf file, an exported ONNX folder nor a function")
+
+
+def _is_url(target) -> bool:
+    return not callable(target) and str(target).startswith(("http://", "https://"))
+
+
 # ---------------------------------------------------------------------------------------------------- check
 
 
 def check(model_dir: str | Path, target, *, instruction: str | None = None, precision: str | None = None,
-          served_model: str | None = None, batch_size: int = 16, model=None, clip: bool = True,
-          diagnose: bool = True) -> Parity:  # fmt: skip
-    """Compare the embeddings of the trained model (`model_dir`, or the loaded `model`) and of `target` (an
-    exported ONNX folder, a .gguf file, an OpenAI-compatible URL or a function texts -> vectors) on the fixed
-    texts. `instruction` as everywhere (None: the model's own query prompt); `precision` "float" or "int8"
-    picks the threshold (None: "int8" when the target's name says so)."""
+          served_model: str | None = None, batch_size: int = 16, model=None, diagnose: bool = True,
+          llama_server: str | None = "build", clipping_client: bool | None = None) -> Parity:  # fmt: skip
+    """Compare the embeddings of the trained model (`model_dir`, read by plain sentence-transformers in its own
+    process) and of `target` (an exported ONNX folder, a .gguf file, an OpenAI-compatible URL or a function
+    texts -> vectors) on the fixed texts. `instruction` as everywhere (None: the model's own query prompt);
+    `precision` "float" or "int8" picks the threshold (None: "int8" when the target's name says so);
+    `llama_server` serves a .gguf target ("build": the cached build, or a binary's path). `model`, the model as
+    loaded by embtune, only picks the texts and diagnoses a failure. `clipping_client`: the deployment clips texts
+    on the client, so how the server embeds longer texts is reported (`long_texts`), not judged; None: True for
+    a .gguf target (SERVING.md's llama-server, which embeds whatever fits its context, with SERVING.md's client),
+    False for a URL, whose clients may send texts unclipped."""
     from .models import load_embedder
 
     model = model or load_embedder(str(model_dir))
     precision = precision or _guess_precision(target)
+    clipping_client = str(target).endswith(".gguf") if clipping_client is None else clipping_client
     prompt = query_prompt(model, instruction)
     docs = documents(model.tokenizer, model.max_seq_length)
-    name, target_encoder, raw = _target_encoder(target, model, served_model)
-
-    ref_q = encode(model, QUERIES, "query", instruction, batch_size=batch_size, progress=False)
-    ref_d = encode(model, docs, "document", batch_size=batch_size, progress=False)
-    # What the target receives: like SERVING.md's client, the query prompt written in front of each query, texts
-    # clipped to the model's length (`clip=False`: as they are, to see how the server truncates), in batches.
     texts = [prompt + q for q in QUERIES] + docs
-    texts = clip_texts(model.tokenizer, texts, model.max_seq_length) if clip else texts
-    sent = _batches(texts[: len(QUERIES)], batch_size) + _batches(texts[len(QUERIES) :], batch_size)
-    if raw:
-        got = _unit(np.concatenate([target_encoder(b) for b in sent]))
-    else:
-        kw = {"batch_size": batch_size, "progress": False}
-        got = np.concatenate([encode(target_encoder, QUERIES, "query", instruction, **kw),
-                              encode(target_encoder, docs, "document", **kw)])  # fmt: skip
-    ref = np.concatenate([ref_q, ref_d])
-    cos = (ref * got).sum(1)
-    identical, overlap = _top_k_agreement(ref_q, ref_d, got[: len(QUERIES)], got[len(QUERIES) :],
-                                          tie=1 - THRESHOLDS[precision])  # fmt: skip
-    result = Parity(target=name, kind="embedder", precision=precision, threshold=THRESHOLDS[precision],
-                    n_queries=len(QUERIES), n_documents=len(docs), min_cosine=round(float(cos.min()), 6),
-                    median_cosine=round(float(np.median(cos)), 6), identical=identical, overlap=overlap)  # fmt: skip
-    result.passed = bool(cos.min() >= result.threshold and identical >= MIN_IDENTICAL)
-    result.worst = [[round(float(cos[i]), 4), len(model.tokenizer(texts[i], verbose=False)["input_ids"]), texts[i][:60]]
-                    for i in np.argsort(cos)[:3]]  # fmt: skip
-    if not result.passed and diagnose and _pooling_mode(model) is None:
-        result.cause = "not diagnosed: the model has no Pooling module to vary"
-    elif not result.passed and diagnose:
+    # What the target receives: like SERVING.md's clients, the query prompt in front of each query, and texts cut
+    # where the model truncates (the ONNX client truncates by the folder's configuration itself), in batches.
+    clip = (lambda t: t) if Path(str(target)).joinpath("onnx").is_dir() else consumer.clipper(model_dir)
+    sent = [[clip(t) for t in b] for b in _batches(texts[: len(QUERIES)], batch_size) +
+            _batches(texts[len(QUERIES) :], batch_size)]  # fmt: skip
+    n_tokens = [len(model.tokenizer(t, verbose=False)["input_ids"]) for t in texts]
+    long = [i for i, n in enumerate(n_tokens) if n > model.max_seq_length]
+    result = Parity(target=_name(target), kind="embedder", precision=precision, threshold=THRESHOLDS[precision],
+                    n_queries=len(QUERIES), n_documents=len(docs))  # fmt: skip
+    try:
+        ref = consume("sentence-transformers", model_dir,
+                      {"queries": QUERIES, "documents": docs, "prompt": None if instruction is None else prompt})
+        ref = np.concatenate([np.asarray(ref["queries"]), np.asarray(ref["documents"])])
+        got, probe = _target_vectors(target, model, sent, [texts[i] for i in long], served_model, llama_server)
+    except (TargetError, llama_cpp.NoLlamaCpp, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        result.error = str(e)
+        return result
+    cos = (_unit(ref) * _unit(got)).sum(1)
+    norms = np.linalg.norm(got, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    tie = 1 - THRESHOLDS[precision]
+    q, n = _unit(ref), _unit(got)
+    identical, overlap = _top_k_agreement(q[: len(QUERIES)] @ q[len(QUERIES) :].T,
+                                          n[: len(QUERIES)] @ n[len(QUERIES) :].T, tie=tie)  # fmt: skip
+    result.min_cosine, result.median_cosine = round(float(cos.min()), 6), round(float(np.median(cos)), 6)
+    result.norm_error = round(float(np.abs(norms - 1).max()), 6)
+    result.identical, result.overlap = identical, overlap
+    result.worst = [[round(float(cos[i]), 4), n_tokens[i], texts[i][:60]] for i in np.argsort(cos)[:3]]
+    causes = []
+    if isinstance(probe, str):
+        result.long_texts = f"refused: {probe[:200]} (the client clips them: SERVING.md)"
+    elif probe is not None:
+        probe_cos = float((_unit(ref[long]) * _unit(probe)).sum(1).min())
+        result.long_texts = (f"min cosine {probe_cos:.4f} sent unclipped" + (
+            ": embedded otherwise than the model, so clients must clip them (SERVING.md's does)"
+            if probe_cos < result.threshold else ""))  # fmt: skip
+        if probe_cos < result.threshold and not clipping_client:
+            causes.append(f"truncation: texts over {model.max_seq_length} tokens, sent unclipped, are truncated "
+                          f"otherwise than by the model (min cosine {probe_cos:.4f}): "
+                          + FIXES["truncation"])  # fmt: skip
+    if result.norm_error > tie:
+        causes.append(f"not normalised: the target's vectors differ in length from the model's by up to "
+                      f"{result.norm_error:.1%} (the model's are {_length_word(ref)}): "
+                      + FIXES["not normalised"])  # fmt: skip
+    in_full = bool(cos.min() >= result.threshold and identical >= MIN_IDENTICAL)
+    result.passed = in_full and not causes
+    if not in_full and diagnose and pooling_mode(model) is None:
+        causes.insert(0, "not diagnosed: the model has no Pooling module to vary")
+    elif not in_full and diagnose:
         result.hypotheses = {"as trained": round(float(cos.min()), 6)}
         for hypothesis, options in hypotheses(model, prompt).items():
             emb = _variant(model, sent, len(QUERIES), prompt, **options)
-            result.hypotheses[hypothesis] = round(float((emb * got).sum(1).min()), 6)
-        result.cause = _cause(result.hypotheses, result.threshold)
+            result.hypotheses[hypothesis] = round(float((emb * _unit(got)).sum(1).min()), 6)
+        causes.insert(0, _cause(result.hypotheses, result.threshold))
+    result.cause = "; ".join(causes) or None
     return result
 
 
-def _top_k_agreement(ref_q, ref_d, got_q, got_d, tie: float, k: int = TOP_K) -> tuple[float, float]:
-    """(share of queries with the same top k, mean overlap). Documents the model itself scores within `tie` of its
-    k-th score are near-ties that the precision allowed can reorder: a top k that differs only in those counts as
-    the same (otherwise int8 weights at cosine 0.9998 "differ" on whichever of 40 documents sit at rank 10)."""
-    ref, got = ref_q @ ref_d.T, got_q @ got_d.T
+def _length_word(ref) -> str:
+    lengths = np.linalg.norm(ref, axis=1)
+    return "unit length" if np.allclose(lengths, 1, atol=1e-3) else f"of length {lengths.min():.3g}-{lengths.max():.3g}"
+
+
+def _top_k_agreement(ref, got, tie: float, k: int = TOP_K) -> tuple[float, float]:
+    """(share of queries with the same top k, mean overlap), from (queries x candidates) score matrices.
+    Candidates the model itself scores within `tie` of its k-th score are near-ties that the precision allowed can
+    reorder: a top k that differs only in those counts as the same (otherwise int8 weights at cosine 0.9998
+    "differ" on whichever of 40 documents sit at rank 10)."""
     same, overlap = [], []
     for r, g in zip(ref, got, strict=True):
         a, b = set(np.argsort(-r, kind="stable")[:k]), set(np.argsort(-g, kind="stable")[:k])
@@ -275,19 +338,14 @@ def _top_k_agreement(ref_q, ref_d, got_q, got_d, tie: float, k: int = TOP_K) -> 
     return round(float(np.mean(same)), 4), round(float(np.mean(overlap)), 4)
 
 
-def _pooling_mode(model) -> str | None:
-    from sentence_transformers.sentence_transformer.modules import Pooling
-
-    return next((m.pooling_mode for m in model if isinstance(m, Pooling)), None)
-
-
 def hypotheses(model, prompt: str) -> dict[str, dict]:
     """The known ways serving goes wrong, each as options of `_variant` (a re-encoding by plain
     sentence-transformers modules with that one thing changed)."""
     found = {}
     if prompt:
         found["instruction missing"] = {"drop_prompt": True}
-    own = _pooling_mode(model)
+        found["query prompt on every text"] = {"prompt_everywhere": True}
+    own = pooling_mode(model)
     for mode, label in (("mean", "mean"), ("cls", "first token"), ("lasttoken", "last token")):
         if own and mode != own:
             found[f"pooling: {label}"] = {"pooling": mode}
@@ -303,8 +361,9 @@ def hypotheses(model, prompt: str) -> dict[str, dict]:
 
 
 def _variant(model, sent: list[list[str]], n_queries: int, prompt: str, drop_prompt: bool = False,
-             pooling: str | None = None, right_padding: bool = False, end_token: bool = True,
-             max_length: int | None | str = "model", cut_after_end: bool = False) -> np.ndarray:  # fmt: skip
+             prompt_everywhere: bool = False, pooling: str | None = None, right_padding: bool = False,
+             end_token: bool = True, max_length: int | None | str = "model",
+             cut_after_end: bool = False) -> np.ndarray:  # fmt: skip
     """The texts as the target received them (`sent`, batch by batch, queries first with `prompt`), encoded by
     the model's own modules with one thing changed. Texts are tokenized as plain text (no chat template)."""
     from sentence_transformers.sentence_transformer.modules import Pooling
@@ -317,6 +376,8 @@ def _variant(model, sent: list[list[str]], n_queries: int, prompt: str, drop_pro
     for batch in sent:
         if drop_prompt and seen < n_queries:
             batch = [t.removeprefix(prompt) for t in batch]
+        if prompt_everywhere:  # a server adding the query prompt to every input, on top of the client's
+            batch = [prompt + t for t in batch]
         seen += len(batch)
         truncate = length is not None and not cut_after_end
         ids = tokenizer(batch, add_special_tokens=end_token, truncation=truncate, max_length=length)["input_ids"]
@@ -355,6 +416,9 @@ FIXES = {
     "(its tokenizer.json appends it), or append it to every text on the client",
     "truncation": "long texts are truncated otherwise than by the model (at another length, or after the end "
     "token was appended, which cuts it): truncate on the client to max_seq_length - 1 tokens (SERVING.md)",
+    "query prompt on every text": "the server adds the query prompt to every input, documents included (TEI "
+    "started with --default-prompt-name query): start it without a default prompt; the client prompts queries",
+    "not normalised": "normalise on the server (llama-server: --embd-normalize 2, its default) or on the client",
     "chat template not applied": "the model renders every text through its tokenizer's chat template and the "
     "server embeds the plain text",
 }
@@ -392,43 +456,10 @@ class _Words:
         return " ".join(ids)
 
 
-def _rerank_api(url: str) -> str:
-    path = url.rstrip("/")
-    if path.endswith("/score"):
-        return "vllm-score"
-    if re.search(r"/v\d/rerank$", path):
-        return "cohere"  # Cohere, Jina, vLLM's and llama.cpp's /v1/rerank: {"query", "documents"} -> results
-    if path.endswith("/rerank"):
-        return "tei"
-    raise ValueError(f"{url}: expected a …/rerank (TEI, or /v1/rerank Cohere-style) or …/score (vLLM) URL")
-
-
-def http_rerank(url: str, model: str | None = None, timeout: float = 120):
-    """A function (query, documents) -> P(relevant) over a rerank or score endpoint; the texts go as given."""
-    api = _rerank_api(url)
-    named = {"model": model} if model else {}
-
-    def score(query: str, docs: list[str]) -> np.ndarray:
-        if api == "vllm-score":
-            rows = _post(url, {**named, "text_1": query, "text_2": docs}, timeout)["data"]
-            pairs = [(r["index"], r["score"]) for r in rows]
-        elif api == "cohere":
-            rows = _post(url, {**named, "query": query, "documents": docs, "top_n": len(docs)}, timeout)["results"]
-            pairs = [(r["index"], r["relevance_score"]) for r in rows]
-        else:
-            rows = _post(url, {"query": query, "texts": docs, "raw_scores": False}, timeout)
-            pairs = [(r["index"], r["score"]) for r in rows]
-        out = np.zeros(len(docs), dtype=np.float64)
-        for i, s in pairs:
-            out[i] = s
-        return out
-
-    return score
-
-
 def served_pair(model, query: str, doc: str, instruction: str | None = None) -> tuple[str, str]:
-    """The two texts a client sends for one pair: a causal-LM reranker's prompt split at the document (Qwen's
-    query and document templates, as vLLM's Qwen3-Reranker example sends them); a cross-encoder's raw texts."""
+    """The two texts a client sends to a server that does not template them (vLLM's /score): a causal-LM
+    reranker's prompt split at the document (Qwen's query and document templates, as vLLM's Qwen3-Reranker
+    example sends them); a cross-encoder's raw texts."""
     from .encode import WEB_SEARCH_TASK
     from .rerank import PREFIX, SUFFIX, is_causal
 
@@ -438,44 +469,71 @@ def served_pair(model, query: str, doc: str, instruction: str | None = None) -> 
     return f"{PREFIX}<Instruct>: {task}\n<Query>: {query}\n", f"<Document>: {doc}{SUFFIX}"
 
 
+def _scores_over_http(url: str, model, pairs, instruction, served_model, templated: bool) -> np.ndarray:
+    got = []
+    for query, docs in pairs:
+        if templated:
+            sent = [served_pair(model, query, d, instruction) for d in docs]
+            query, docs = sent[0][0], [d for _, d in sent]
+        got.extend(consumer.http_rerank(url, query, docs, served_model))
+    return np.asarray(got, dtype=np.float64)
+
+
 def check_reranker(model_dir: str | Path, target, *, instruction: str | None = None, precision: str | None = None,
-                   served_model: str | None = None, batch_size: int = 16, model=None) -> Parity:  # fmt: skip
-    """Compare P(relevant) of the trained reranker and of `target` (an exported ONNX folder, a rerank/score URL
-    or a function (query, documents) -> scores) on the fixed pairs."""
-    from .rerank import instruction_prompt, load_reranker
+                   served_model: str | None = None, batch_size: int = 16, model=None,
+                   client_template: bool | None = None, llama_server: str | None = "build") -> Parity:  # fmt: skip
+    """Compare P(relevant) of the trained reranker (`model_dir` read by plain sentence-transformers' CrossEncoder
+    in its own process) and of `target`: an exported ONNX folder, a .gguf file (served by `llama_server`
+    --reranking), a rerank/score URL or a function (query, documents) -> scores. `client_template`: whether the
+    client wraps a causal reranker's texts in Qwen's template (None: for vLLM's /score only; llama.cpp's
+    /v1/rerank applies the template stored in the GGUF itself)."""
+    from .rerank import instruction_prompt, is_causal, load_reranker
 
     model = model or load_reranker(str(model_dir))
     precision = precision or _guess_precision(target)
     pairs = rerank_pairs()
     flat = [(q, d) for q, docs in pairs for d in docs]
-    ref = np.asarray(model.predict(flat, batch_size=batch_size, show_progress_bar=False,
-                                   prompt=instruction_prompt(model, instruction)), dtype=np.float64)  # fmt: skip
-    if callable(target) or str(target).startswith(("http://", "https://")):
-        name = getattr(target, "__name__", "function") if callable(target) else str(target)
-        scorer = target if callable(target) else http_rerank(str(target), served_model)
-        got = []
-        for q, docs in pairs:
-            sent = [served_pair(model, q, d, instruction) for d in docs]
-            got.extend(scorer(sent[0][0], [d for _, d in sent]))
-        got = np.asarray(got, dtype=np.float64)
-    else:
-        from .export import load_onnx
+    result = Parity(target=_name(target), kind="reranker", precision=precision, threshold=RERANK_THRESHOLDS[precision],
+                    n_queries=len(pairs), n_documents=len(flat))  # fmt: skip
+    prompt = instruction_prompt(model, instruction)
+    try:
+        ref = np.asarray(consume("cross-encoder", model_dir, {"pairs": flat, "prompt": prompt})["scores"])
+        if callable(target):
+            got = np.asarray([s for q, docs in pairs for s in target(q, docs)], dtype=np.float64)
+        elif _is_url(target):
+            templated = str(target).rstrip("/").endswith("/score") if client_template is None else client_template
+            templated = templated and is_causal(model)
+            got = _scores_over_http(str(target), model, pairs, instruction, served_model, templated)
+        elif Path(target).suffix == ".gguf":
+            binary = llama_cpp.find_server(llama_server)
+            with llama_cpp.serve(binary, target, length=model.max_seq_length, rerank=True) as url:
+                got = _scores_over_http(url + "/v1/rerank", model, pairs, instruction, served_model, False)
+        else:
+            got = np.asarray(consume("onnx-rerank", target, {"pairs": flat, "instruction": instruction})["scores"])
+    except (TargetError, llama_cpp.NoLlamaCpp, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        result.error = str(e)
+        return result
+    from scipy.stats import spearmanr
 
-        name = Path(target).name
-        onnx = load_onnx(target, reranker=True)
-        got = np.asarray(onnx.predict(flat, batch_size=batch_size, show_progress_bar=False,
-                                      prompt=instruction_prompt(onnx, instruction)), dtype=np.float64)  # fmt: skip
-    diff = np.abs(ref - got)
     n = len(pairs[0][1])
-    same = [list(np.argsort(-ref[i : i + n], kind="stable")) == list(np.argsort(-got[i : i + n], kind="stable"))
-            for i in range(0, len(flat), n)]  # fmt: skip
-    result = Parity(target=name, kind="reranker", precision=precision, threshold=RERANK_THRESHOLDS[precision],
-                    n_queries=len(pairs), n_documents=len(flat), max_abs_diff=round(float(diff.max()), 6),
-                    identical=round(float(np.mean(same)), 4), overlap=round(float(np.mean(same)), 4))  # fmt: skip
-    result.passed = bool(diff.max() <= result.threshold and result.identical >= MIN_IDENTICAL)
+    diff = np.abs(ref - got)
+    # Order is judged up to near-ties: candidates whose P(yes) the target moved by no more than the float threshold
+    # keep the model's score (a random model's candidates sit within 1e-4 of each other and swap under f16 or int8).
+    ordered = np.where(diff <= RERANK_THRESHOLDS["float"], ref, got).reshape(-1, n)
+    ref_q = ref.reshape(-1, n)
+    spearman = [1.0 if np.ptp(r) == 0 and np.ptp(g) == 0 else float(np.nan_to_num(spearmanr(r, g).statistic))
+                for r, g in zip(ref_q, ordered, strict=True)]  # fmt: skip
+    result.max_abs_diff = round(float(diff.max()), 6)
+    result.min_spearman = round(min(spearman), 4)
+    result.identical, result.overlap = _top_k_agreement(ref_q, ordered, tie=RERANK_THRESHOLDS["float"], k=RERANK_TOP)
+    result.passed = bool(diff.max() <= result.threshold and result.min_spearman >= MIN_SPEARMAN
+                         and result.identical >= MIN_IDENTICAL)  # fmt: skip
     if not result.passed:
         if got.min() < 0 or got.max() > 1:
-            result.cause = "scores are not probabilities: the server returns raw logits (TEI: raw_scores=false)"
+            result.cause = ("scores are not probabilities: the server returns raw logits (TEI: raw_scores=false; "
+                            "a Qwen3 reranker's P(yes) is the softmax of its yes/no logits)")  # fmt: skip
         else:
-            result.cause = f"scores differ (median abs difference {statistics.median(diff):.4f})"
+            result.cause = (f"scores differ (median abs difference {statistics.median(diff):.4f}, lowest Spearman "
+                            f"{result.min_spearman:.3f}): the server scores other texts or another model (template, "
+                            "instruction, truncation) - or, if small, less exactly")  # fmt: skip
     return result
