@@ -373,7 +373,8 @@ def test_serving_md_is_written_from_the_model_s_own_prompts(tiny, tiny_embedding
     assert "text-embeddings-inference" in text and "vllm serve" in text and "ollama" in text
     assert "gguf`: not written: no converter" in text and "256" in text  # the tiny model's max_seq_length
     # the recipes work as written: one llama-server slot, Ollama's port and model name, an ONNX client, batches
-    assert " -np 1 " in text and '"http://localhost:11434/v1", "tiny-qwen3-embedding"' in text
+    tag = f"{tiny_embedding.parent.name}-{tiny_embedding.name}"  # the Ollama model name: the run and folder
+    assert " -np 1 " in text and f'"http://localhost:11434/v1", "{tag}"' in text and f"ollama create {tag} " in text
     assert "OnnxEmbedder(" in text and "clip(QUERY_PROMPT + q)" in text and "BATCH = 32" in text
     config = ExportConfig(data_dir="", run_dir=str(tmp_path), base_model="", instruction="Find code")
     custom = serving_markdown("embedder", tiny_embedding, tiny, result, config)

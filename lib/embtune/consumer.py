@@ -11,9 +11,12 @@ into SERVING.md as it is, and the check runs it as a script in a process of its 
   batches of at most 32 (TEI's default max_client_batch_size), with a timeout and retries.
 - `clipper(folder)`: cuts a text where the model truncates it, so a server with other limits embeds what the
   model embedded.
+- `OnnxReranker(folder)`: an exported reranker with onnxruntime: a Qwen3-Reranker-style causal LM with the model
+  card's prompt (P(yes) from the yes/no logits), or a cross-encoder.
 - `http_rerank(url, query, documents)`: a `/v1/rerank` (llama.cpp, Cohere-style), `/rerank` (TEI) or `/score`
   (vLLM) endpoint; the scores as the server returns them.
-- `reference(folder, queries, documents)`: plain sentence-transformers, the source of truth.
+- `reference(folder, queries, documents)`, `reference_scores(folder, pairs)`: plain sentence-transformers, the
+  source of truth.
 
 As a script (what the check runs): `python consumer.py KIND SOURCE < request.json > reply.json`, KIND one of
 `onnx`, `onnx-rerank`, `http`, `sentence-transformers`, `cross-encoder`; the request and reply are JSON (see `main`).

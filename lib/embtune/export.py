@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -400,7 +401,7 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
     pooling = pooling_mode(model) or "the model's own"
     length = model.max_seq_length
     gguf = result["written"].get("gguf")
-    tag = model_dir.name.lower()
+    tag = re.sub(r"[^a-z0-9]+", "-", f"{model_dir.parent.name}-{model_dir.name}".lower()).strip("-")  # Ollama's name
     tei_pool = {"lasttoken": "last-token", "mean": "mean", "cls": "cls"}.get(pooling_mode(model) or "", "mean")
     end = (f"- The tokenizer appends `{end_token(model.tokenizer)}` to every text (tokenizer.json's post-processor, "
            "kept when a text is truncated) and pads on the left: serve with this folder's tokenizer files."
@@ -421,10 +422,10 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
         f"- Pooling: **{pooling}**, then L2-normalised; {model.get_embedding_dimension()} dimensions "
         "(Matryoshka: keep the first d and normalise again).",
         end,
-        f"- Inputs are truncated at **{length} tokens** (sentence_bert_config.json's max_seq_length), the end token "
-        "kept. Servers read other limits (config.json's max_position_embeddings, their own flags) and llama.cpp "
-        "refuses or cuts after appending the end token: the client below cuts long texts itself, where the model "
-        "would.",
+        f"- Inputs are truncated at **{length} tokens** (the model's max_seq_length), the end token kept. Servers "
+        "read other limits (config.json's max_position_embeddings, their own flags), and llama-server embeds whole "
+        "whatever fits its context (rounded up to a multiple of 256): the client below cuts long texts itself, "
+        "where the model would.",
         "",
         "## Files",
     ]
