@@ -486,7 +486,7 @@ def check_reranker(model_dir: str | Path, target, *, instruction: str | None = N
     in its own process) and of `target`: an exported ONNX folder, a .gguf file (served by `llama_server`
     --reranking), a rerank/score URL or a function (query, documents) -> scores. `client_template`: whether the
     client wraps a causal reranker's texts in Qwen's template (None: for vLLM's /score only; llama.cpp's
-    /v1/rerank applies the template stored in the GGUF itself)."""
+    /v1/rerank applies the template stored in the GGUF itself; vLLM's /v1/rerank needs True)."""
     from .rerank import instruction_prompt, is_causal, load_reranker
 
     model = model or load_reranker(str(model_dir))
