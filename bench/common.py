@@ -100,6 +100,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def saved(name: str) -> dict | None:
+    """The results a benchmark saved last (docs/benchmarks/<name>.json), or None."""
+    path = DOCS / "benchmarks" / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def save_results(name: str, results: dict, section: str) -> None:
     """Write the JSON and replace (or append) this benchmark's section of docs/BENCHMARKS.md."""
     from embtune.files import write_json, write_text

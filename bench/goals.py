@@ -6,19 +6,13 @@ section of docs/BENCHMARKS.md from docs/benchmarks/*.json (run last by `make ben
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DOCS, markdown_table, save_results  # noqa: E402
+from common import markdown_table, save_results, saved  # noqa: E402
 
 NOT_YET = "not measured yet: no GPU has been lent to this project's sessions (bench/gpu_check.sh is ready)"
-
-
-def saved(name: str) -> dict | None:
-    path = DOCS / "benchmarks" / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def gpu_rows() -> dict[str, dict] | None:
