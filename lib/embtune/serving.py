@@ -19,8 +19,8 @@ texts sent unclipped embedded as the model embeds them (or refused; reported onl
 clips), and an identical top-10 set on >= 95 % of queries. A failure is diagnosed: plain sentence-transformers
 modules re-encode the texts under each known way serving goes wrong (instruction missing, query prompt on every
 text, other pooling, right padding read at the last position, no end token, other truncation), and the hypothesis
-that matches the target best is named as the cause. A target that cannot be reached (a server error, a binary that could not be built) is that
-row's `error`, and the row fails.
+that matches the target best is named as the cause. A target that cannot be reached (a server error, a binary
+that could not be built) is that row's `error`, and the row fails.
 
 Rerankers: `check_reranker(model_dir, target)` against an ONNX folder (the consumer's reranker client), a GGUF
 file (`llama-server --reranking`, `/v1/rerank`), a `/v1/rerank`, `/rerank` (TEI) or `/score` (vLLM) URL, or a
