@@ -63,3 +63,21 @@ def test_embtune_loads_it_unchanged(built):
     a = encode(ours, TEXTS, "query", progress=False)
     b = plain.encode(TEXTS, prompt=plain.prompts["query"], normalize_embeddings=True)
     assert abs(a - b).max() < 1e-5
+
+
+def test_a_chat_lm_becomes_an_embedder_of_plain_text(tiny_models, tmp_path):
+    """A chat LM's tokenizer carries a chat template; sentence-transformers would render every plain text through
+    it (its `message` modality), which no server does. The embedder tokenizes the text as it is, as servers do."""
+    import json
+    import shutil
+
+    chat = tmp_path / "chat-lm"
+    shutil.copytree(tiny_models[1], chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    model = SentenceTransformer(str(embedder_from_causal_lm(chat, tmp_path / "embedder")), device="cpu")
+    assert set(model[0].modality_config) == {"text"}
+    features = model.tokenize([TEXTS[0]]) if hasattr(model, "tokenize") else model.preprocess([TEXTS[0]])
+    assert features["input_ids"][0].tolist() == model.tokenizer(TEXTS[0])["input_ids"]  # no <|im_start|>user
+

@@ -100,6 +100,10 @@ def embedder_from_causal_lm(source: str | Path, out: str | Path, gguf_file: str 
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     max_seq_length = min(max_seq_length or limit, limit)
     tokenizer.model_max_length = max_seq_length
+    # An embedder embeds the text as it is. With a chat template, sentence-transformers 6 gives the Transformer a
+    # `message` modality and renders every plain text through the template (a chat LM's system prompt included),
+    # which no server does: served embeddings would not be the trained ones.
+    tokenizer.chat_template = None
     model.config.pad_token_id = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as hf:
         model.save_pretrained(hf)
