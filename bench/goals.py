@@ -150,7 +150,8 @@ def export_row() -> str:
     checked = [r for r in results["rows"] if "passed" in r]
     failed = [f"{r.get('model', '')} {r['system']}".strip() for r in checked
               if not r["passed"] and not r["system"].endswith("dynamic")]  # fmt: skip
-    listed = ", ".join(f"{r.get('model', '')} {r['system']} min cos {r['min_cos']}".strip() for r in checked)
+    listed = ", ".join(f"{r.get('model', '')} {r['system']} min cos {r.get('min_cos', 'none: error')}".strip()
+                       for r in checked)  # fmt: skip
     return f"{listed} ({'met' if not failed else 'NOT met: ' + ', '.join(failed)})"
 
 
