@@ -243,19 +243,23 @@ def http_rerank(url: str, query: str, documents: list[str], model: str | None = 
 
 def reference(folder: str | Path, queries: list[str], documents: list[str], prompt: str | None = None):
     """Plain sentence-transformers on the model folder: queries with the model's own query prompt (or `prompt`),
-    documents with its document prompt, exactly as `encode_query` / `encode_document` do."""
+    documents with its document prompt, exactly as `encode_query` / `encode_document` do. In float32: a bf16
+    checkpoint computed in bf16 on a CPU drifts by itself (cosine 0.96 for a short text left-padded to 256 tokens
+    in SmolLM2), and that noise is no property of the trained model."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(folder), device="cpu")
+    model = SentenceTransformer(str(folder), device="cpu", model_kwargs={"dtype": torch.float32})
     q = model.encode(queries, prompt=prompt) if prompt is not None else model.encode_query(queries)
     return q, model.encode_document(documents)
 
 
 def reference_scores(folder: str | Path, pairs: list[list[str]], prompt: str | None = None) -> list[float]:
     """Plain sentence-transformers' CrossEncoder on the reranker folder: P(relevant) of each (query, document)."""
+    import torch
     from sentence_transformers import CrossEncoder
 
-    model = CrossEncoder(str(folder), device="cpu")
+    model = CrossEncoder(str(folder), device="cpu", model_kwargs={"dtype": torch.float32})  # as `reference`
     return model.predict([tuple(p) for p in pairs], prompt=prompt, show_progress_bar=False).tolist()
 
 
