@@ -96,7 +96,7 @@ def test_an_onnx_export_padding_right_is_read_right_by_a_mask_aware_client(tiny,
 
 def test_the_consumer_imports_nothing_of_embtune_and_serving_md_carries_it_verbatim(tiny, tiny_embedding, tiny_onnx,
                                                                                      tmp_path):
-    from embtune.export import serving_markdown
+    from embtune.export import write_serving
 
     source = Path(consumer.__file__)
     command = [sys.executable, "-I", str(source), "onnx", str(tiny_onnx / "onnx")]
@@ -106,7 +106,7 @@ def test_the_consumer_imports_nothing_of_embtune_and_serving_md_carries_it_verba
         '"embtune"', "")  # no import of it anywhere below the docstring  # fmt: skip
     config = ExportConfig(data_dir="", run_dir=str(tmp_path), base_model="")
     result = {"written": {"onnx": str(tiny_onnx / "onnx")}, "skipped": {}}
-    text = serving_markdown("embedder", tiny_embedding, tiny, result, config)
+    text = write_serving("embedder", tiny_embedding, tiny, result, config).read_text()
     assert source.read_text().rstrip() in text
     assert (tmp_path / "export" / "consumer.py").read_text() == source.read_text()
 
@@ -293,6 +293,20 @@ def test_the_onnx_export_of_the_tiny_qwen3_reranker_scores_what_the_model_does(t
     result = check_reranker(folder, tmp_path / "onnx", model=reranker)
     assert result.passed and result.max_abs_diff < 1e-4 and result.identical == 1.0, table([result])
     assert result.min_spearman > 0.999
+
+
+def test_the_onnx_export_of_a_cross_encoder_scores_what_it_does(minilm_path, tmp_path):
+    """A cross-encoder (BERT-type, one logit): the consumer's reranker client encodes (query, document) as a pair
+    and takes the sigmoid, as sentence-transformers' CrossEncoder does."""
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(0)
+    CrossEncoder(minilm_path, num_labels=1, device="cpu").save(str(tmp_path / "cross"))  # an untrained head
+    reranker = CrossEncoder(str(tmp_path / "cross"), device="cpu")
+    export_onnx(reranker, tmp_path / "cross", tmp_path / "onnx")
+    assert not consumer.OnnxReranker(tmp_path / "onnx").causal
+    result = check_reranker(tmp_path / "cross", tmp_path / "onnx", model=reranker)
+    assert result.passed and result.max_abs_diff < 1e-4, table([result])
 
 
 def _scores_like(reranker, change):

@@ -56,8 +56,8 @@ class ExportConfig(StepConfig):
     # A llama.cpp folder holding convert_hf_to_gguf.py; "pypi": the one vendored in llama-cpp-python's source
     # distribution, fetched with pip once (embtune.llama_cpp); None: no GGUF (the notebook says why).
     llama_cpp: str | None = "pypi"
-    # The llama-server that checks the GGUF files: "build" (built once from the same source, ~15 min on two
-    # cores, cached in ~/.cache/embtune), a binary's path, or None (the row says the file was not checked).
+    # The llama-server that checks the GGUF files: "build" (built once from the same source, about 10 minutes on
+    # two cores, cached in ~/.cache/embtune), a binary's path, or None (the row says the file was not checked).
     llama_server: str | None = "build"
     serve_url: str | None = None  # a running OpenAI-compatible server (…/v1) to check against the model
     served_model: str | None = None  # the `model` name that server expects (None: the model folder's path)
@@ -351,7 +351,7 @@ def check_exports(config: ExportConfig, name: str, model_dir: str | Path, model,
 
     reranker = name == "reranker"
     run = serving.check_reranker if reranker else serving.check
-    kw = {"instruction": config.instruction, "batch_size": config.batch_size, "model": model}
+    kw = {"instruction": config.instruction, "model": model, **({} if reranker else {"batch_size": config.batch_size})}
     targets = [(written[f], "int8" if "int8" in f else "float") for f in FORMATS if f in written and f != "gguf"]
     if "gguf" in written:
         quantized = config.gguf_outtype not in ("f32", "f16", "bf16")
@@ -374,14 +374,16 @@ def parity_table(results: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------- SERVING.md
 
 
-def _consumer_block(out: Path) -> list[str]:
-    """consumer.py written beside SERVING.md and shown in it: the client code the parity check itself runs."""
+def _consumer_source() -> str:
     from . import consumer
 
-    source = Path(consumer.__file__).read_text()
-    write_text(out / "consumer.py", source)
+    return Path(consumer.__file__).read_text()
+
+
+def _consumer_block() -> list[str]:
+    """consumer.py shown in SERVING.md (and written beside it): the client code the parity check itself runs."""
     return ["<details><summary>consumer.py (written beside this file; the parity check runs this exact code)"
-            "</summary>", "", "```python", source.rstrip(), "```", "</details>"]  # fmt: skip
+            "</summary>", "", "```python", _consumer_source().rstrip(), "```", "</details>"]  # fmt: skip
 
 
 def serving_markdown(name: str, model_dir: str | Path, model, result: dict, config: ExportConfig) -> str:
@@ -395,7 +397,6 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
     from .serving import llama_pooling, pooling_mode
 
     model_dir = Path(model_dir).resolve()
-    out = out_dir(config, name).resolve()
     prompt = query_prompt(model, config.instruction)
     doc_prompt = model.prompts.get("document") or ""
     pooling = pooling_mode(model) or "the model's own"
@@ -454,7 +455,7 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
         "query_vectors = http_embed(URL, [clip(QUERY_PROMPT + q) for q in queries], MODEL)",
         "document_vectors = http_embed(URL, [clip(d) for d in documents], MODEL)",
         "```",
-        *_consumer_block(out),
+        *_consumer_block(),
         "",
         "## text-embeddings-inference (TEI)",
         "```bash",
@@ -491,9 +492,10 @@ def serving_markdown(name: str, model_dir: str | Path, model, result: dict, conf
         lines += [
             "No GGUF file was written here (see Files). llama.cpp's converter makes one from the model folder:",
             "```bash",
-            "pip download --no-deps --no-binary :all: "
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON}   # its vendor/llama.cpp holds the converter and the server",
-            f"python vendor/llama.cpp/convert_hf_to_gguf.py {model_dir} --outfile model-f16.gguf --outtype f16",
+            f"pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON}",
+            f"tar xzf llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz   # its vendor/llama.cpp: the converter and server",
+            f"python llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/convert_hf_to_gguf.py {model_dir} "
+            "--outfile model-f16.gguf --outtype f16",
             shlex.join(server_command("model-f16.gguf", length=context, pooling=llama_pooling(model))),
             f"printf 'FROM ./model-f16.gguf\\nPARAMETER num_ctx {length}\\n' > Modelfile",
             f"ollama create {tag} -f Modelfile",
@@ -522,7 +524,6 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
     from .rerank import PREFIX, SUFFIX, is_causal
 
     model_dir = Path(model_dir).resolve()
-    out = out_dir(config, "reranker").resolve()
     causal = is_causal(model)
     task = WEB_SEARCH_TASK if config.instruction is None else config.instruction
     onnx = result["written"].get("onnx-int8") or result["written"].get("onnx")
@@ -557,7 +558,7 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
             '                     [f"<Document>: {d}{SUFFIX}" for d in documents],',
             f"                     model={json.dumps(str(model_dir))})",
             "```",
-            *_consumer_block(out),
+            *_consumer_block(),
             "",
             "## vLLM (/score)",
             "```bash",
@@ -590,7 +591,7 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
             "from consumer import http_rerank  # consumer.py, beside this file",
             'scores = http_rerank("http://localhost:8080/rerank", query, documents)  # raw_scores=false: P(relevant)',
             "```",
-            *_consumer_block(out),
+            *_consumer_block(),
             "## vLLM (/score)",
             f"`vllm serve {model_dir} --runner pooling` (before 0.10: `--task score`), then "
             'http_rerank("http://localhost:8000/score", query, documents).',
@@ -601,4 +602,6 @@ def _reranker_markdown(model_dir, model, result: dict, config: ExportConfig) -> 
 
 
 def write_serving(name: str, model_dir, model, result: dict, config: ExportConfig) -> Path:
+    """SERVING.md and, beside it, consumer.py: the client it shows."""
+    write_text(out_dir(config, name) / "consumer.py", _consumer_source())
     return write_text(out_dir(config, name) / "SERVING.md", serving_markdown(name, model_dir, model, result, config))

@@ -483,8 +483,8 @@ def _scores_over_http(url: str, model, pairs, instruction, served_model, templat
 
 
 def check_reranker(model_dir: str | Path, target, *, instruction: str | None = None, precision: str | None = None,
-                   served_model: str | None = None, batch_size: int = 16, model=None,
-                   client_template: bool | None = None, llama_server: str | None = "build") -> Parity:  # fmt: skip
+                   served_model: str | None = None, model=None, client_template: bool | None = None,
+                   llama_server: str | None = "build") -> Parity:  # fmt: skip
     """Compare P(relevant) of the trained reranker (`model_dir` read by plain sentence-transformers' CrossEncoder
     in its own process) and of `target`: an exported ONNX folder, a .gguf file (served by `llama_server`
     --reranking), a rerank/score URL or a function (query, documents) -> scores. `client_template`: whether the
