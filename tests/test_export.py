@@ -259,6 +259,29 @@ def test_a_server_that_refuses_long_texts_passes_and_the_refusal_is_reported(tin
     assert result.passed and result.long_texts.startswith("refused: "), table([result])
 
 
+def test_a_bf16_chat_model_served_plain_text_is_diagnosed_as_such(tiny, tiny_embedding, tmp_path):
+    """A model saved with a chat template (sentence-transformers 6 renders every text through it) served by a
+    server that embeds the plain text: the cause named is the template, though every variant, tokenizing plain
+    text, explains it as well; and in bf16 as loaded, the hypotheses are computed in float32 like the reference,
+    so bf16's own drift does not decide between them."""
+    from embtune.models import load_embedder
+
+    folder = shutil.copytree(tiny_embedding, tmp_path / "chat-embedder")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    st_config = json.loads((folder / "sentence_bert_config.json").read_text())  # as sentence-transformers saves it
+    st_config["modality_config"]["message"] = dict(st_config["modality_config"]["text"], format="flat")
+    (folder / "sentence_bert_config.json").write_text(json.dumps(st_config))
+    chat = load_embedder(str(folder), device="cpu").to(torch.bfloat16)
+    assert "message" in chat[0].modality_config
+    result = check(folder, lambda texts: encode(tiny, texts, "document", progress=False), model=chat)
+    assert not result.passed and result.cause.startswith("chat template not applied"), (result.cause,
+                                                                                          result.hypotheses)
+    # float32 like the target: 0.99997 (computed in bf16 as loaded: 0.99987)
+    assert result.hypotheses["chat template not applied"] > 0.99995, result.hypotheses
+
+
 def test_an_unreachable_server_is_its_row_s_error_and_the_other_rows_are_kept(tiny, tiny_embedding, tiny_onnx,
                                                                                tmp_path):
     import socket
@@ -409,13 +432,69 @@ def test_the_check_does_not_import_the_exporter():
 def test_llama_cpp_is_told_a_pre_tokenizer_only_where_it_implements_that_one_exactly(tiny_embedding, tmp_path):
     """llama.cpp names pre-tokenizers by a hash of a vocabulary's ids, so a retrained vocabulary stops its
     converter (the tiny fixtures' retrained one does); the export names it only where llama.cpp has the same split."""
-    from embtune.llama_cpp import QWEN2_SPLIT, known_pre_tokenizer
+    from embtune.llama_cpp import QWEN2_SPLIT, stage_tokenizer
 
     qwen = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}  # fmt: skip
-    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}  # another split: llama.cpp decides
-    for expected, pre in [("qwen2", qwen), ("", gpt2), ("", {"type": "BertPreTokenizer"})]:
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    spaced = dict(gpt2, add_prefix_space=True)  # a space before every text: not llama.cpp's "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, gpt2]}
+    for expected, pre in [("qwen2", qwen), ("gpt-2", gpt2), ("", spaced), ("", digits),
+                          ("", {"type": "BertPreTokenizer"})]:  # fmt: skip
         (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre}))
-        assert known_pre_tokenizer(tmp_path / "tokenizer.json") == expected, pre
-    assert known_pre_tokenizer(tiny_embedding / "tokenizer.json") == "qwen2"  # Qwen2Tokenizer writes Qwen's split
+        assert stage_tokenizer(tmp_path / "tokenizer.json") == expected, pre
+    shutil.copy(tiny_embedding / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert stage_tokenizer(tmp_path / "tokenizer.json") == "qwen2"  # Qwen2Tokenizer writes Qwen's split
+
+
+def test_a_byte_level_bpe_staged_for_llama_cpp_loses_only_its_needless_byte_fallback(tiny_embedding, tmp_path):
+    """transformers writes a byte-level BPE read from a GGUF file with `byte_fallback` set; llama.cpp's converter
+    takes that for a SentencePiece vocabulary. The staged copy drops the flag and tokenizes every text as before;
+    a SentencePiece-style BPE (no byte-level step) keeps it, as its unknown characters need it."""
+    from tokenizers import Tokenizer
+
+    from embtune.llama_cpp import stage_tokenizer
+
+    data = json.loads((tiny_embedding / "tokenizer.json").read_text())
+    data["model"]["byte_fallback"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    texts = ["Instruct: find code\nQuery:def f(x):", "函数使用 def 关键字定义", "naïve café 🙂 \t tabs", "x" * 300]
+    before = [e.ids for e in Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode_batch(texts)]
+    stage_tokenizer(tmp_path / "tokenizer.json")
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["byte_fallback"] is False
+    assert [e.ids for e in Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode_batch(texts)] == before
+    spm = {"model": {"type": "BPE", "byte_fallback": True}, "pre_tokenizer": {"type": "Metaspace"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spm))
+    stage_tokenizer(tmp_path / "tokenizer.json")
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == spm
+
+
+def test_a_llama_embedder_with_the_tokenizer_transformers_reads_from_gguf_is_served_by_llama_server(
+        tiny, tiny_embedding, converter, tmp_path):  # fmt: skip
+    """A Llama-architecture embedder (SmolLM2's shape) whose tokenizer is a byte-level BPE flagged byte_fallback
+    with a Sequence decoder, kept as is (TokenizersBackend), as transformers writes one read from a GGUF file:
+    converted without staging, its
+    GGUF carried a SentencePiece vocabulary that llama-server cannot load (HTTP 500); staged, it embeds as the
+    model does."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from embtune.models import load_embedder
+
+    folder = shutil.copytree(tiny_embedding, tmp_path / "tiny-llama-embedding")
+    qwen = tiny[0].auto_model.config
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=qwen.vocab_size, hidden_size=qwen.hidden_size, num_hidden_layers=2,
+                           intermediate_size=qwen.intermediate_size, num_attention_heads=qwen.num_attention_heads,
+                           num_key_value_heads=qwen.num_key_value_heads, max_position_embeddings=512,
+                           pad_token_id=qwen.pad_token_id)).save_pretrained(folder)  # fmt: skip
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["byte_fallback"] = True
+    data["decoder"] = {"type": "Sequence", "decoders": [data["decoder"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "TokenizersBackend"}))
+    model = load_embedder(str(folder), device="cpu")
+    gguf = export_gguf(model, folder, tmp_path / "model-f32.gguf", converter, "f32")
+    result = check(folder, gguf, model=model)
+    assert result.error is None and result.passed and result.min_cosine >= 0.999, table([result])

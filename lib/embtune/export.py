@@ -38,7 +38,7 @@ import torch
 from .config import StepConfig
 from .files import replace_dir, write_text
 from .llama_cpp import VERSION as LLAMA_CPP_PYTHON
-from .llama_cpp import NoLlamaCpp, converter, known_pre_tokenizer, server_command
+from .llama_cpp import NoLlamaCpp, converter, server_command, stage_tokenizer
 
 FORMATS = ("onnx", "onnx-int8", "onnx-int8-dynamic", "gguf")
 DEFAULT_FORMATS = ("onnx", "onnx-int8", "gguf")
@@ -250,7 +250,7 @@ def export_gguf(model, model_dir: str | Path, out_file: str | Path, converter: P
                 (staged / weights.name).symlink_to(weights.resolve())
         partial = Path(tmp) / out_file.name
         new = instruction.strip() if reranker and instruction and instruction.strip() != WEB_SEARCH_TASK else ""
-        pre = known_pre_tokenizer(staged / "tokenizer.json") if (staged / "tokenizer.json").exists() else ""
+        pre = stage_tokenizer(staged / "tokenizer.json") if (staged / "tokenizer.json").exists() else ""
         # The converter's own gguf-py, not an installed gguf package of another version.
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
         done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter.parent), pre, WEB_SEARCH_TASK, new,

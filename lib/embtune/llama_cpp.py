@@ -2,12 +2,12 @@
 
 Both come from the llama.cpp that llama-cpp-python vendors in its source distribution on PyPI (pip is the only
 client needed, and converter and server can never be of two versions). The server is built once with cmake and
-a C++ compiler into `~/.cache/embtune/llama.cpp-<version>/` (about 15 minutes on two cores), outside any run:
+a C++ compiler into `~/.cache/embtune/llama.cpp-<version>/` (about 10 minutes on two cores), outside any run:
 
     python -m embtune.llama_cpp build      # prints the binary's path; `make llama-server` runs it
 
 `server_command` is the one command line SERVING.md prints and the check starts, so what is checked is what
-is deployed. `LlamaServer` runs it on a free loopback port for the duration of a `with` block.
+is deployed. `serve` runs it on a free loopback port for the duration of a `with` block.
 """
 
 from __future__ import annotations
@@ -38,13 +38,30 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def known_pre_tokenizer(tokenizer_json: Path) -> str:
-    """"qwen2" where the tokenizer splits text exactly as Qwen's does (its pattern, then bytes: what llama.cpp
-    implements under that name), else "" (let the converter decide by its hash)."""
-    pre = json.loads(tokenizer_json.read_text()).get("pre_tokenizer") or {}
+def stage_tokenizer(tokenizer_json: Path) -> str:
+    """Ready a staged copy of a tokenizer.json for llama.cpp's converter; returns the pre-tokenizer to name
+    for it, or "" (let the converter decide by its hash of the vocabulary's ids, which a retrained vocabulary,
+    like the tiny fixtures', does not match).
+
+    - "qwen2" where the tokenizer splits text exactly as Qwen's does (its pattern, then bytes), "gpt-2" where it
+      is GPT-2's byte-level split alone: what llama.cpp implements under those names.
+    - A byte-level BPE flagged `byte_fallback` (transformers writes one for a tokenizer it reads from a GGUF file)
+      loses the flag: the converter takes such a BPE for a Llama-2 SentencePiece vocabulary and writes one that
+      llama-server cannot load (HTTP 500 "unordered_map::at"; its log: "newline token not found"). Byte-level
+      means every byte has a symbol, so the fallback never fires and no text tokenizes differently without it.
+    """
+    data = json.loads(tokenizer_json.read_text())
+    pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
+    byte_level = any(s.get("type") == "ByteLevel" for s in steps)
+    if byte_level and data.get("model", {}).get("byte_fallback"):
+        data["model"]["byte_fallback"] = False
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
     splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    return "qwen2" if splits == [QWEN2_SPLIT] else ""
+    if splits == [QWEN2_SPLIT]:
+        return "qwen2"
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    return "gpt-2" if len(steps) == 1 and gpt2.items() <= steps[0].items() else ""
 
 
 class NoLlamaCpp(RuntimeError):

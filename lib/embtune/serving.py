@@ -314,12 +314,20 @@ def check(model_dir: str | Path, target, *, instruction: str | None = None, prec
         causes.insert(0, "not diagnosed: the model has no Pooling module to vary")
     elif not in_full and diagnose:
         result.hypotheses = {"as trained": round(float(cos.min()), 6)}
+        exact = _in_float32(model)  # as the reference computes: bf16's own drift would blur the hypotheses
         for hypothesis, options in hypotheses(model, prompt).items():
-            emb = _variant(model, sent, len(QUERIES), prompt, **options)
+            emb = _variant(exact, sent, len(QUERIES), prompt, **options)
             result.hypotheses[hypothesis] = round(float((emb * _unit(got)).sum(1).min()), 6)
         causes.insert(0, _cause(result.hypotheses, result.threshold))
     result.cause = "; ".join(causes) or None
     return result
+
+
+def _in_float32(model):
+    """`model`, or a float32 copy of it where it computes in another precision."""
+    import copy
+
+    return model if model.dtype == torch.float32 else copy.deepcopy(model).float()
 
 
 def _length_word(ref) -> str:
@@ -345,6 +353,9 @@ def hypotheses(model, prompt: str) -> dict[str, dict]:
     """The known ways serving goes wrong, each as options of `_variant` (a re-encoding by plain
     sentence-transformers modules with that one thing changed)."""
     found = {}
+    # First, as ties go to the first: every variant tokenizes plain text, so all of them also "apply no template"
+    if "message" in getattr(model[0], "modality_config", {}):
+        found["chat template not applied"] = {}
     if prompt:
         found["instruction missing"] = {"drop_prompt": True}
         found["query prompt on every text"] = {"prompt_everywhere": True}
@@ -358,8 +369,6 @@ def hypotheses(model, prompt: str) -> dict[str, dict]:
     found[f"truncation: at {model.max_seq_length // 2} tokens"] = {"max_length": model.max_seq_length // 2}
     found["truncation: none"] = {"max_length": None}
     found["truncation: after the end token was added, cutting it"] = {"cut_after_end": True}
-    if "message" in getattr(model[0], "modality_config", {}):
-        found["chat template not applied"] = {}  # the variants tokenize plain text; the model renders a chat
     return found
 
 
