@@ -88,24 +88,73 @@ def test_ndcg_equals_sentence_transformers_evaluator(minilm, pydocs_minilm):
     assert ours["ndcg@10"] > 0.3  # real semantics: far above chance on the sample
 
 
-def test_choose_on_dev_keeps_a_candidate_only_when_it_beats_zero_in_a_paired_t_test():
-    """The rule behind the shipped slerp t and the fusion weight: the best mean on dev wins only when a one-sided
-    paired t-test says it beats candidate 0 (the base); a lead of one lucky query among 100 is noise."""
+def planted(base: dict, mean: float, sd: float = 0.1) -> dict:
+    """`base` plus per-query gains of exactly this mean and standard deviation over 100 queries, so the one-sided
+    paired t-test against `base` has t = mean / (sd / 10), a p-value computed by hand: t = 0.2 -> p 0.42, t = 1.9
+    -> p 0.030, t = 4 -> p 3e-5 (Student's t, 99 degrees of freedom)."""
+    z = np.tile([1.0, -1.0], 50)  # mean 0; standard deviation (ddof=1) sqrt(100/99)
+    z = z / z.std(ddof=1)
+    return {q: v + mean + sd * z[i] for i, (q, v) in enumerate(sorted(base.items()))}
+
+
+@pytest.fixture
+def base_scores():
     rng = np.random.default_rng(0)
-    base = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0.2, 0.8, 100))}
-    lucky = {**base, "q0": base["q0"] + 0.5}  # better on average, by one query
-    steady = {q: v + 0.05 for q, v in base.items()}  # a little better on every query
-    t, curve = choose_on_dev({0.0: base, 0.5: lucky, 1.0: base}, "t")
-    assert t == 0.0 and max(curve, key=lambda c: c["ndcg@10"])["t"] == 0.5
-    assert curve[1]["p_value"] > 0.05 and curve[1]["ndcg@10"] == pytest.approx(np.mean(list(lucky.values())), abs=1e-6)
-    t, curve = choose_on_dev({0.0: base, 0.5: lucky, 1.0: steady}, "t")
-    assert t == 1.0 and curve[2]["p_value"] < 1e-6 and curve[0]["p_value"] == 1.0
-    assert curve[2]["se"] == pytest.approx(np.std(list(steady.values()), ddof=1) / 10, abs=1e-6)
+    return {f"q{i:03d}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.7, 100))}
 
 
-def test_fusion_weight_is_zero_for_a_random_reranker_and_high_for_a_perfect_one():
+def test_the_trained_model_ships_when_the_grid_s_maximum_is_within_noise_of_it(base_scores):
+    """(a) trained (t = 1) beats the base clearly; (b) t = 0.25 has the highest mean, 0.002 above t = 1 at a
+    standard error of 0.01: noise, so t = 1 ships (the old rule, the maximum, shipped t = 0.25)."""
+    from scipy.stats import t as student
+
+    trained = planted(base_scores, 0.04)
+    grid = {0.0: base_scores, 0.25: planted(trained, 0.002), 0.5: planted(trained, -0.01), 1.0: trained}
+    choice = choose_on_dev(grid, "t", default=1.0, base=0.0)
+    row = {r["t"]: r for r in choice.curve}
+    assert max(row, key=lambda t: row[t]["ndcg@10"]) == 0.25  # the maximum, which does not ship
+    assert choice.chosen == 1.0 and choice.question == "default", choice.reason
+    assert row[0.25]["p_vs_default"] == pytest.approx(student.sf(0.2, 99), abs=1e-6)  # 0.42, by hand
+    assert row[1.0]["p_vs_base"] == pytest.approx(student.sf(4.0, 99), rel=1e-3) and row[1.0]["p_vs_default"] is None
+    assert row[0.25]["se"] == pytest.approx(np.std(list(grid[0.25].values()), ddof=1) / 10, abs=1e-6)
+    assert "within noise" in choice.reason and "t = 0.25" in choice.reason
+
+
+def test_an_alternative_that_beats_the_trained_model_clearly_ships(base_scores):
+    """t = 0.75 beats t = 1 with t-statistic 4 (p 3e-5 < 0.05 / 2 alternatives); t = 0.25 with 1.9 (p 0.030:
+    under 0.05, over the Bonferroni level) also beats it but not clearly enough on its own."""
+    trained = planted(base_scores, 0.04)
+    grid = {0.0: base_scores, 0.25: planted(trained, 0.019), 0.75: planted(trained, 0.04), 1.0: trained}
+    choice = choose_on_dev(grid, "t", default=1.0, base=0.0)
+    assert choice.chosen == 0.75 and choice.question == "alternative", choice.reason
+    alone = choose_on_dev({t: grid[t] for t in (0.0, 0.25, 1.0)}, "t", default=1.0, base=0.0)
+    assert alone.chosen == 0.25  # one alternative: 0.030 < 0.05 suffices
+    two = {0.0: base_scores, 0.25: grid[0.25], 0.5: planted(trained, -0.01), 1.0: trained}
+    assert choose_on_dev(two, "t", default=1.0, base=0.0).chosen == 1.0  # two: 0.030 > 0.025, the default stays
+
+
+def test_the_base_ships_when_the_trained_model_does_not_beat_it(base_scores):
+    """(a) decides first: trained is 0.002 above the base (p 0.42), so the base ships, even though t = 0.25
+    is a clear gain over t = 1."""
+    trained = planted(base_scores, 0.002)
+    grid = {0.0: base_scores, 0.25: planted(trained, 0.05), 0.75: trained, 1.0: trained}
+    choice = choose_on_dev(grid, "t", default=1.0, base=0.0)
+    assert choice.chosen == 0.0 and choice.question == "base", choice.reason
+    assert "does not beat" in choice.reason and "p = 0.42" in choice.reason
+
+
+def test_a_checkpoint_choice_has_no_base_question(base_scores):
+    """Checkpoints: the end is the default and there is no base among them; the best dev step ships when clearly
+    better (t-statistic 4), not when within noise (0.2)."""
+    assert choose_on_dev({"end": base_scores, "step 6": planted(base_scores, 0.002)}, "checkpoint",
+                         default="end").chosen == "end"  # fmt: skip
+    assert choose_on_dev({"end": base_scores, "step 6": planted(base_scores, 0.04)}, "checkpoint",
+                         default="end").chosen == "step 6"  # fmt: skip
+
+
+def test_fusion_weight_is_zero_for_a_random_reranker_and_one_for_a_perfect_one():
     """The two-stage weight is chosen on dev queries: a reranker that scores at random must get weight 0, so the
-    fused system is the first stage (never worse than dense); one that knows the answers must get the most weight."""
+    fused system is the first stage (never worse than dense); one that knows the answers ships as it ranks."""
     rng = np.random.default_rng(0)
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(60)}
     # A decent first stage: the relevant document somewhere in the top 5 of 30.
@@ -115,10 +164,12 @@ def test_fusion_weight_is_zero_for_a_random_reranker_and_high_for_a_perfect_one(
         order = others[: i % 5] + [f"d{i}"] + others[i % 5 :]
         first[q] = {d: 1.0 - r / 30 for r, d in enumerate(order)}
     random_scores = {q: {d: float(rng.random()) for d in ranked} for q, ranked in first.items()}
-    weight, curve = fusion_weight(qrels, first, random_scores, top_k=30)
-    assert weight == 0.0 and [p["weight"] for p in curve] == [w / 10 for w in range(11)]
-    assert curve[0]["ndcg@10"] == pytest.approx(score(qrels, first, ["ndcg@10"])["ndcg@10"])
+    choice = fusion_weight(qrels, first, random_scores, top_k=30)
+    assert choice.chosen == 0.0 and choice.question == "base"
+    assert [p["weight"] for p in choice.curve] == [w / 10 for w in range(11)]
+    assert choice.curve[0]["ndcg@10"] == pytest.approx(score(qrels, first, ["ndcg@10"])["ndcg@10"])
     perfect = {q: {d: float(d in qrels[q]) for d in ranked} for q, ranked in first.items()}
-    weight, curve = fusion_weight(qrels, first, perfect, top_k=30)
-    # The least weight that puts every relevant document first (ties go to less of the reranker).
-    assert 0 < weight < 1 and {p["weight"]: p["ndcg@10"] for p in curve}[weight] == 1.0
+    choice = fusion_weight(qrels, first, perfect, top_k=30)
+    # The reranker's own order: no mix can beat a perfect one, though several tie with it at NDCG@10 1.0.
+    assert choice.chosen == 1.0 and choice.question == "default"
+    assert sum(p["ndcg@10"] == 1.0 for p in choice.curve) > 1

@@ -59,7 +59,7 @@ class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     max_seq_length: int = 512  # a cap: never above the model's own limit (MiniLM: 256)
     # schedule
     batch_size: int = 32
-    epochs: float = 3.0  # with the best dev checkpoint kept, small data sets gain from several passes
+    epochs: float = 3.0  # small data sets gain from several passes (an earlier checkpoint ships if clearly better)
     max_steps: int = -1
     learning_rate: float | None = None  # None: 2e-4 for LoRA, 5e-5 for full fine-tuning
     warmup_ratio: float = 0.1
@@ -67,9 +67,9 @@ class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     eval_corpus_size: int = 2000
     merge_dtype: str = "auto"  # the merged model's dtype: auto (the base checkpoint's) | bfloat16 | float16 | float32
     # What ships as model/: the slerp of the base and the trained weights at t (0: the base, 1: as trained).
-    # "auto": the t of `merge_grid` with the best dev NDCG@10, the base included, kept only when it beats the base
-    # in a paired t-test on the dev queries (evaluate.choose_on_dev), so the run never hands over a model its dev
-    # queries do not show to be better than the base (WiSE-FT; the Qwen3 report merges checkpoints by slerp);
+    # "auto": as trained (t = 1), unless it does not beat the base on the dev queries (then the base: the run never
+    # hands over a model its dev queries do not show to be better), or another t of `merge_grid` beats t = 1
+    # clearly (evaluate.choose_on_dev: a paired test, not the maximum; WiSE-FT; the Qwen3 report merges by slerp);
     # trained on synthetic queries alone, 0.5, since a dev split of synthetic queries cannot see the model drift
     # toward the generator's habits. A number forces t.
     merge_with_base: float | str = "auto"
@@ -272,7 +272,8 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
         save_strategy="steps",
         save_steps=every,
         save_total_limit=2,
-        load_best_model_at_end=evaluator is not None,
+        # the best dev checkpoint is kept (and never rotated away) but not loaded blindly: `choose_checkpoint`
+        load_best_model_at_end=False,
         metric_for_best_model="eval_dev_cosine_ndcg@10" if evaluator else None,
         greater_is_better=True,
         logging_steps=max(1, every // 5),
@@ -318,6 +319,9 @@ def save_outputs(training: Training, seconds: float) -> dict:
     run.forget("model")  # until the new outputs are complete, nothing claims to be current
     model = trainer.model
     model.prompts = {**model.prompts, "query": training.prompt, "document": model.prompts.get("document", "")}
+    checkpoint = choose_checkpoint(training)
+    print(checkpoint.reason, flush=True)
+    log.update(checkpoint=checkpoint.chosen, checkpoint_curve=checkpoint.curve, checkpoint_why=checkpoint.reason)
     if training.plan.full_finetune:
         with replace_dir(run.finetuned) as tmp:
             model.save(str(tmp))
@@ -342,9 +346,58 @@ def save_outputs(training: Training, seconds: float) -> dict:
     return log
 
 
+def restore_checkpoint(model, checkpoint: str | Path) -> None:
+    """Load a checkpoint's trained weights into `model` in place, explicitly: a LoRA checkpoint's adapter tensors
+    (a 4-bit base stays as it is), else the whole model's. sentence-transformers' own best-model reload rebuilds
+    the whole model and, on a 4-bit base, fails and only logs it. Raises, naming the checkpoint, unless every
+    tensor landed exactly."""
+    from safetensors.torch import load_file
+
+    adapter = Path(checkpoint) / "adapter_model.safetensors"
+    if not adapter.exists():
+        model.load_state_dict(type(model)(str(checkpoint), device=str(model.device)).state_dict())
+        return
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    saved = load_file(adapter)
+    set_peft_model_state_dict(model[0].auto_model, saved)
+    # the file names tensors as a PeftModel does ("base_model.model." first); a model holding an adapter, not
+    # wrapped in a PeftModel, names them without it
+    saved, now = ({k.removeprefix("base_model.model."): v for k, v in d.items()}
+                  for d in (saved, get_peft_model_state_dict(model[0].auto_model)))  # fmt: skip
+    wrong = sorted(set(saved) ^ set(now))
+    wrong = wrong or [k for k in saved if not torch.equal(now[k].detach().cpu(), saved[k].to(now[k].dtype))]
+    if wrong:
+        raise RuntimeError(f"{adapter}: {len(wrong)} adapter tensors did not load into the model (first: {wrong[0]})")
+
+
+def choose_checkpoint(training: Training):
+    """The model as trained at the end ships, unless the best dev checkpoint beats it clearly on the dev queries
+    (`evaluate.choose_on_dev`, question b): the Trainer's "best" is the maximum of a few noisy dev scores. The
+    model is left holding the chosen weights. Returns the `evaluate.Choice`."""
+    from .evaluate import Choice, choose_on_dev, dense_ndcg, dev_corpus
+
+    config, trainer = training.config, training.trainer
+    best, last = trainer.state.best_model_checkpoint, last_complete_checkpoint(RunDir(config.run_dir).checkpoints)
+    if not best or not last or Path(best).name == Path(last).name:
+        why = "no dev queries" if not training.dev_qrels else "the end is the best dev checkpoint"
+        return Choice("end", [], "default", f"checkpoint: the end of training ({why})")
+    docs = dev_corpus(training.data, training.dev_qrels, config.eval_corpus_size, config.seed, config.doc_template)
+    step = f"step {Path(best).name.rsplit('-', 1)[1]}"
+    per = {"end": dense_ndcg(trainer.model, training.queries, training.dev_qrels, docs)}
+    restore_checkpoint(trainer.model, best)
+    per[step] = dense_ndcg(trainer.model, training.queries, training.dev_qrels, docs)
+    choice = choose_on_dev(per, "checkpoint", default="end")
+    if choice.chosen == "end":
+        restore_checkpoint(trainer.model, last)
+    choice.reason = f"checkpoint: {choice.reason}"
+    return choice
+
+
 def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[dict], str]:
-    """(t, the dev curve over the grid, one line saying why): the slerp of the base and the trained model that
-    ships, chosen on the dev queries, never on test."""
+    """(t, the dev curve over the grid, one line saying why): the slerp of the base (t = 0) and the trained model
+    (t = 1, the default) that ships, chosen on the dev queries by `evaluate.choose_on_dev`, never on test."""
+    import gc
     import tempfile
 
     from .evaluate import choose_on_dev, dense_ndcg, dev_corpus
@@ -369,26 +422,18 @@ def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[
         for t in sorted({0.0, 1.0, *config.merge_grid}):  # the base and the trained model always among them
             model = load_embedder(str(slerp_models(base, finetuned, t, Path(tmp) / "candidate")))
             per[t] = dense_ndcg(model, training.queries, training.dev_qrels, docs)
-    t, curve = choose_on_dev(per, "t")
-    best = max(curve, key=lambda p: (p["ndcg@10"], -p["t"]))
-    start = curve[0]
-    n = len(training.dev_qrels)
-    base_score = f"the base's NDCG@10 {start['ndcg@10']:.4f} ± {start['se']:.4f}"
-    if best["t"] == 0.0:
-        return 0.0, curve, (f"model/ is the base model (t = 0.0): on {n} dev queries nothing trained beats "
-                            f"{base_score}; the trained model is in finetuned/")  # fmt: skip
-    if t == 0.0:
-        return 0.0, curve, (f"model/ is the base model (t = 0.0): on {n} dev queries the best slerp, t = "
-                            f"{best['t']} ({best['ndcg@10']:.4f} ± {best['se']:.4f}), does not beat {base_score} "
-                            f"in a one-sided paired t-test (p = {best['p_value']:.2f}, needs < 0.05); the trained "
-                            "model is in finetuned/")  # fmt: skip
-    why = (f"model/: slerp at t = {t}, the best of {len(curve)} on {n} dev queries: NDCG@10 {best['ndcg@10']:.4f} "
-           f"± {best['se']:.4f} against {base_score} (p = {best['p_value']:.1e})")  # fmt: skip
-    return t, curve, why
+            del model  # one candidate in memory at a time
+            gc.collect()
+    choice = choose_on_dev(per, "t", default=1.0, base=0.0)
+    if choice.chosen == 0.0:
+        what = "model/ is the base model (t = 0.0); the trained model is in finetuned/"
+    else:
+        what = "model/: as trained (t = 1.0)" if choice.chosen == 1.0 else f"model/: slerp at t = {choice.chosen}"
+    return choice.chosen, choice.curve, f"{what}: {choice.reason}"
 
 
 def train(config: TrainConfig, callbacks: list | None = None) -> dict:
-    """Train, keep the best dev checkpoint, save adapter and merged model; returns the training log."""
+    """Train, choose the checkpoint, save adapter and merged model; returns the training log."""
     training = build_trainer(config, callbacks)
     resume = last_complete_checkpoint(RunDir(config.run_dir).checkpoints)
     if resume:
