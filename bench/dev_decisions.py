@@ -12,7 +12,7 @@ test split:
   one-sided paired t-test (the rule until 2026-12-05);
 - `new rule`: what the run shipped.
 
-    python bench/dev_decisions.py [--datasets scifact wikiqa] [--work DIR]
+    python bench/dev_decisions.py [--datasets scifact wikiqa] [--work DIR]   # DIR is kept: delete it to redo
 """
 
 from __future__ import annotations
@@ -62,6 +62,17 @@ def old_rule(per: dict[float, dict[str, float]]) -> float:
 
 
 def one(dataset: str, work: Path) -> list[dict]:
+    """The rows of one data set, kept in `work` beside its run (data sets can run in parallel processes, and a
+    last call with all of them writes the table)."""
+    from embtune.files import write_json
+
+    done = work / f"{dataset}-rows.json"
+    if not done.exists():
+        write_json(done, measure(dataset, work))
+    return json.loads(done.read_text())
+
+
+def measure(dataset: str, work: Path) -> list[dict]:
     import tempfile
 
     from embtune.data import load_beir
@@ -77,33 +88,35 @@ def one(dataset: str, work: Path) -> list[dict]:
     queries, dev_qrels = dev_split(data, config)
     docs = dev_corpus(data, dev_qrels, log["config"]["eval_corpus_size"], log["config"]["seed"],
                       log["config"]["doc_template"])  # fmt: skip
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    end, best = checkpoints[-1], Path(log["best_checkpoint"] or checkpoints[-1])
+    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    end = steps[-1]
+    best = int(Path(log["best_checkpoint"]).name.split("-")[1]) if log["best_checkpoint"] else end
+    shipped = end if log["checkpoint"] == "end" else int(log["checkpoint"].split()[1])
+    scored: dict[tuple, tuple] = {}  # (step, t) -> (dev per query, test scores): one model scored once
+
+    def scores(step: int, t: float, tmp: Path) -> tuple:
+        key = (None, 0.0) if t == 0.0 else (step, t)
+        if key not in scored:
+            checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
+            path = minilm_path() if t == 0.0 else str(slerp_models(minilm_path(), checkpoint, t, tmp / f"{step}-{t}"))
+            model = load_embedder(path, device="cpu")
+            cache = run_dir if t == 0.0 else tmp / f"cache-{step}-{t}"  # the base's corpus is cached by mining
+            scored[key] = (dense_ndcg(model, queries, dev_qrels, docs), test_scores(model, path, data_dir, cache))
+        return scored[key]
+
     rows = []
-
-    def add(system: str, path: str, per: dict | None = None, **extra) -> None:
-        model = load_embedder(path, device="cpu")
-        per = per or dense_ndcg(model, queries, dev_qrels, docs)
-        mean, se = mean_se(per.values())
-        with tempfile.TemporaryDirectory() as cache:  # a candidate's corpus embeddings are its own
-            test = test_scores(model, path, data_dir, cache)
-        rows.append({"dataset": dataset, "system": system, "dev_ndcg@10": round(mean, 4), "dev_se": round(se, 4),
-                     "test_ndcg@10": round(test["ndcg@10"], 4), **extra})  # fmt: skip
-        print(rows[-1], flush=True)
-
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        per = {}
-        for t in GRID:
-            model = load_embedder(str(slerp_models(minilm_path(), best, t, Path(tmp) / "c")), device="cpu")
-            per[t] = dense_ndcg(model, queries, dev_qrels, docs)
+        per = {t: scores(best, t, Path(tmp))[0] for t in GRID}
         t_old = old_rule(per)
-        add("base", minilm_path(), per[0.0], checkpoint="", t=0.0)
-        add("end", str(end), checkpoint=f"step {end.name.split('-')[1]}", t=1.0)
-        add("best checkpoint", str(best), per[1.0], checkpoint=f"step {best.name.split('-')[1]}", t=1.0)
-        add("old rule", str(slerp_models(minilm_path(), best, t_old, Path(tmp) / f"old-{t_old}")), per[t_old],
-            checkpoint=f"step {best.name.split('-')[1]}", t=t_old)  # fmt: skip
-    add("new rule", str(run_dir / "model"), checkpoint=log["checkpoint"], t=log["merge_with_base"],
-        why=f"{log['checkpoint_why']}; {log['merge_why']}")  # fmt: skip
+        for system, step, t in [("base", None, 0.0), ("end", end, 1.0), ("best checkpoint", best, 1.0),
+                                ("old rule", best, t_old), ("new rule", shipped, log["merge_with_base"])]:  # fmt: skip
+            dev, test = scores(step, t, Path(tmp))
+            mean, se = mean_se(dev.values())
+            rows.append({"dataset": dataset, "system": system, "checkpoint": "" if t == 0.0 else f"step {step}",
+                         "t": t, "dev_ndcg@10": round(mean, 4), "dev_se": round(se, 4),
+                         "test_ndcg@10": round(test["ndcg@10"], 4)})  # fmt: skip
+            print(rows[-1], flush=True)
+    rows[-1]["why"] = f"{log['checkpoint_why']}; {log['merge_why']}"
     return rows
 
 

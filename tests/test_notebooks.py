@@ -93,13 +93,14 @@ class TestTinyRun:
         assert list((run / "cache").glob("corpus-*.npy"))
         assert not (run / "synthetic").exists()  # 01 is skipped: the sample has train labels
 
-    def test_03_trains_evaluates_from_step_0_and_ships_the_best_on_dev(self, tiny_run):
+    def test_03_trains_evaluates_from_step_0_and_ships_what_dev_decides(self, tiny_run):
         run, _ = tiny_run
         log = json.loads((run / "train_log.json").read_text())
         assert "full fine-tuning" in log["backend"] and log["n_train_rows"] == 288 and log["n_dev_queries"] == 72
         steps = [p["step"] for p in log["eval_curve"]]
         assert steps[0] == 0 and len(steps) >= 4 and steps[-1] == log["steps"]  # the base, then along the way
         assert log["merge_with_base"] in [p["t"] for p in log["merge_curve"]]
+        assert log["checkpoint_why"].startswith("checkpoint: ") and log["merge_why"].startswith("model/")
         assert (run / "model" / "modules.json").exists() and (run / "finetuned" / "modules.json").exists()
 
     def test_04_scores_every_dimension_and_precision(self, tiny_run):
