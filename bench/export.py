@@ -176,8 +176,8 @@ FOUND = (
 )
 
 
-def write(rows: list[dict], steps: int) -> None:
-    """The results file and docs/BENCHMARKS.md's section, from every model's rows."""
+def write(rows: list[dict], steps: int, note: str = "") -> None:
+    """The results file and docs/BENCHMARKS.md's section, from every model's rows; `note` goes under the table."""
     models = sorted({r["model"] for r in rows}, key=list(LABELS).index)
     columns = ["model", "system", "documents", "ndcg@10", "ndcg_delta", "min_cos", "median_cos", "identical_top10",
                "passed", "docs_per_s", "speed_ratio", "export_s", "cause"]  # fmt: skip
@@ -197,10 +197,10 @@ def write(rows: list[dict], steps: int) -> None:
         "with the identical top 10 of 40, swaps among near-ties aside; passes at min cosine 0.999 float, 0.99 int8, "
         ">= 95 % identical). `onnx-int8` is weight-only int8 (MatMulNBits, float arithmetic), `onnx-int8-dynamic` "
         "sentence-transformers' dynamic-quantisation recipe (int8 arithmetic).\n\n" + table
-        + ("\n\n" + FOUND if "smollm2" in models else "")
+        + ("\n\n" + FOUND if "smollm2" in models else "") + (f"\n\n{note}" if note else "")
     )
     save_results("export", {"models": {m: LABELS[m] for m in models}, "max_seq_length": SEQ,
-                            "smollm2_steps": steps, "rows": rows}, section)  # fmt: skip
+                            "smollm2_steps": steps, "rows": rows, "note": note}, section)  # fmt: skip
 
 
 if __name__ == "__main__":
