@@ -297,7 +297,8 @@ def choose_on_dev(per: dict, key: str, default, base=None, alpha: float = 0.05) 
     other, and the largest of several noisy estimates is biased upward; picking it overfits the dev set (Cawley &
     Talbot 2010, "On over-fitting in model selection and subsequent selection bias in performance evaluation",
     JMLR 11). Measured: the maximum of a slerp grid, 0.002 above the default at a standard error of 0.033, cost
-    0.029 test NDCG@10 on a held-out code-search set (docs/BENCHMARKS.md, "Decisions on dev")."""
+    0.029 test NDCG@10 on a held-out code-search set (issue 29); docs/BENCHMARKS.md, "Decisions on
+    dev", sets each choice's dev score beside its test score."""
     ids = sorted(per[default])
     scores = {c: np.array([per[c][q] for q in ids]) for c in per}
     others = [c for c in per if c not in (default, base)]
