@@ -112,6 +112,30 @@ def test_a_checkpoint_s_adapter_is_restored_into_a_4bit_model_exactly_or_not_at_
         restore_checkpoint(model, partial)
 
 
+def test_a_4bit_lora_run_ships_its_best_dev_checkpoint_when_it_is_not_the_last(minilm_path, tmp_path, caplog):
+    """Planted: a learning rate that wrecks all-MiniLM-L6-v2's LoRA run step by step, so the dev queries clearly
+    prefer step 3 to the end (step 6). peft + bitsandbytes 4-bit, where sentence-transformers' own best-model
+    reload fails and only logs it: adapter/ holds step 3's tensors, finetuned/ is step 3 merged, nothing logs an
+    error."""
+    from safetensors.torch import load_file
+
+    from embtune.merge import merge_adapter
+
+    run = tmp_path / "run"
+    log = train(TrainConfig(base_model=minilm_path, data_dir=str(SAMPLES / "pydocs"), run_dir=str(run), max_steps=6,
+                            eval_steps=3, batch_size=16, learning_rate=2e-2, warmup_ratio=0.0, max_seq_length=64,
+                            eval_corpus_size=200, full_finetune=False, quant="4bit", merge_with_base=1.0))  # fmt: skip
+    assert "| 4bit | LoRA" in log["backend"]
+    assert log["checkpoint"] == "step 3", log["checkpoint_why"]
+    shipped, kept = (load_file(f / "adapter_model.safetensors")
+                     for f in (run / "adapter", run / "checkpoints" / "checkpoint-3"))  # fmt: skip
+    assert shipped.keys() == kept.keys() and all(torch.equal(shipped[k], kept[k]) for k in kept)
+    expected = merge_adapter(minilm_path, run / "checkpoints" / "checkpoint-3", tmp_path / "step3")
+    np.testing.assert_allclose(encode(load_embedder(str(run / "finetuned"), device="cpu"), TEXTS),
+                               encode(load_embedder(str(expected), device="cpu"), TEXTS), atol=1e-5)  # fmt: skip
+    assert not [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 def test_a_full_checkpoint_is_restored_whole(minilm_path, tmp_path):
     from embtune.train import restore_checkpoint
 
