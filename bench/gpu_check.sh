@@ -4,8 +4,8 @@
 #     bash bench/gpu_check.sh --out "$OUT/gpu_check.md"        # every argument goes to bench/gpu_check.py
 #
 # Which Python runs gpu_check.py:
-#   * `--dry-run`, GPU_CHECK_PYTHON unset and a project .venv here (what `make test` runs): .venv/bin/python,
-#     directly; no kit needed.
+#   * `--dry-run` with GPU_CHECK_PYTHON unset (what `make test` runs): $GPU_CHECK_DRY_PYTHON (the test passes
+#     its own interpreter), else the project's .venv/bin/python, directly; no kit needed.
 #   * otherwise, "kit mode": the base Python is $GPU_CHECK_PYTHON, else python3 (on the GPU machine
 #     /opt/torch/.venv/bin/python3: torch 2.11.0+cu130, transformers, sentence-transformers, peft...;
 #     `make gpu-rehearsal` passes its CPU replica, .gpu-replica/bin/python). A fresh venv in $GPU_CHECK_VENV
@@ -30,8 +30,9 @@ for arg in "$@"; do
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
-if [ -z "${GPU_CHECK_PYTHON:-}" ] && [ "$dry_run" = 1 ] && [ -x .venv/bin/python ]; then
-    exec .venv/bin/python bench/gpu_check.py "$@"
+dry_python=${GPU_CHECK_DRY_PYTHON:-.venv/bin/python}
+if [ -z "${GPU_CHECK_PYTHON:-}" ] && [ "$dry_run" = 1 ] && [ -x "$dry_python" ]; then
+    exec "$dry_python" bench/gpu_check.py "$@"
 fi
 
 if ! compgen -G "gpu_kit/*.whl" >/dev/null || [ ! -f gpu_kit/kit.json ]; then

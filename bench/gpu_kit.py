@@ -57,29 +57,44 @@ class Wheel:
     dropped_why: str = ""
 
 
+def _pins() -> dict[str, tuple[str, str]]:
+    """requirements.txt's pins, read by the setup cells' installer (loaded by path: stdlib only, no embtune
+    __init__): the kit carries exactly those versions, so the kit, `make setup` and Colab cannot disagree."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bootstrap", ROOT / "lib" / "embtune" / "bootstrap.py")
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    return bootstrap.read_pins(ROOT / "requirements.txt")
+
+
+PIN = {key: version for key, (_, version) in _pins().items()}
 BNB_KEEP = ["bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cpu.so"]
 WHEELS = [
-    Wheel("unsloth", "2026.10.9", "the training path: FastSentenceTransformer (notebook 03), FastLanguageModel",
+    Wheel("unsloth", PIN["unsloth"], "the training path: FastSentenceTransformer (notebook 03), FastLanguageModel",
           drop=["studio/*", "unsloth_cli/*", "unsloth-*.dist-info/entry_points.txt"],
-          rewrite={"unsloth-2026.10.9.dist-info/top_level.txt": "unsloth\n"},
+          rewrite={f"unsloth-{PIN['unsloth']}.dist-info/top_level.txt": "unsloth\n"},
           dropped_why="studio/ (Unsloth Studio, a web app: 77 MB of frontend and backend) and unsloth_cli/ (the "
                       "`unsloth` command, whose console script goes too): no module of unsloth/ imports either; "
                       "their own needs (tyro, typer, pydantic, structlog, json5, nest-asyncio) stay out too"),
-    Wheel("unsloth_zoo", "2026.10.9", "unsloth's kernels and patches (imported by unsloth)"),
-    Wheel("bitsandbytes", "0.50.2", "4-bit QLoRA",
+    Wheel("unsloth_zoo", PIN["unsloth-zoo"], "unsloth's kernels and patches (imported by unsloth)"),
+    Wheel("bitsandbytes", PIN["bitsandbytes"], "4-bit QLoRA",
           drop=["bitsandbytes/libbitsandbytes_*.so"], keep=BNB_KEEP,
           dropped_why="every native library but libbitsandbytes_cuda130.so and libbitsandbytes_cpu.so: "
                       "cextension.get_cuda_bnb_library_path loads the exact match of torch.version.cuda (13.0 "
                       "for torch 2.11.0+cu130) when CUDA is available, libbitsandbytes_cpu.so when it is not "
                       "(the CPU rehearsal); ROCm and XPU builds are never chosen with a CUDA torch"),
-    Wheel("trl", "1.15.0", "unsloth patches trl's trainers at import (unsloth caps it at <=1.15.0)"),
-    Wheel("datasets", "4.8.5", "training data (embtune.train); trl and unsloth import it"),
+    Wheel("trl", PIN["trl"], "unsloth patches trl's trainers at import (unsloth caps it at <=1.15.0)"),
+    Wheel("datasets", PIN["datasets"], "training data (embtune.train); trl and unsloth import it"),
     Wheel("dill", "0.4.1", "datasets (dill<0.4.2)"),
     Wheel("multiprocess", "0.70.19", "datasets (multiprocess<0.70.20)"),
     Wheel("fsspec", "2026.2.0", "datasets caps fsspec at <=2026.2.0; the machine's version is unknown"),
-    Wheel("peft", "0.21.2", "LoRA; the machine has some peft of unknown version, transformers 5.17 needs "
+    Wheel("peft", PIN["peft"], "LoRA; the machine has some peft of unknown version, transformers 5.17 needs "
                             ">=0.19.1 and our tests run 0.21.2 (requirements.txt): carried so it is that one"),
-    Wheel("cut_cross_entropy", "25.1.1", "unsloth_zoo's fused cross-entropy (a dependency of a normal install)"),
+    Wheel("sentence-transformers", PIN["sentence-transformers"], "the pinned version; the machine has 6.0.1 "
+          "(pure Python, its dependencies all on the machine)"),
+    Wheel("cut_cross_entropy", PIN["cut-cross-entropy"],
+          "unsloth_zoo's fused cross-entropy (a dependency of a normal install)"),
 ]  # fmt: skip
 
 # Requirements of the kit's wheels deliberately not carried: `check` ignores them in pip check's report.
@@ -270,6 +285,37 @@ def build() -> None:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     manifest.write_text(json.dumps({"python": "3.12", "platforms": PLATFORMS, "wheels": entries}, indent=1) + "\n")
     report(entries, time.time() - start)
+    verify_kit()
+
+
+def verify_kit(kit: Path = KIT, wheels: list[Wheel] = WHEELS) -> None:
+    """The kit on disk is what `wheels` asks for, one wheel a package, each as the manifest recorded it, under
+    the size cap; else SystemExit naming what differs. Run after `build` and before `check` on the machine."""
+    manifest = kit / "kit.json"
+    if not manifest.exists():
+        raise SystemExit(f"{kit}: no kit.json: build the kit with 'make gpu-kit'")
+    entries = json.loads(manifest.read_text())["wheels"]
+    on_disk = sorted(p.name for p in kit.glob("*.whl"))
+    if sorted(e["file"] for e in entries) != on_disk:
+        raise SystemExit(f"{kit}: the wheels on disk {on_disk} are not the manifest's: run make gpu-kit")
+    asked = {(canon(x.name), x.version) for x in wheels}
+    built = {(canon(e["name"]), e["version"]) for e in entries}
+    if asked != built:
+        raise SystemExit(f"{kit} is stale: it has {sorted(built - asked)} where the list asks for "
+                         f"{sorted(asked - built)}: run make gpu-kit")  # fmt: skip
+    for e in entries:
+        path = kit / e["file"]
+        if path.stat().st_size != e["size"] or sha256_file(path) != e["sha256"]:
+            raise SystemExit(f"{path}: changed since the kit was built: run make gpu-kit")
+        verify_wheel(path, e["name"], e["version"])
+        if canon(e["name"]) == "bitsandbytes":
+            with zipfile.ZipFile(path) as z:
+                libs = sorted(n for n in z.namelist() if n.endswith(".so"))
+            if libs != sorted(BNB_KEEP):
+                raise SystemExit(f"{path}: native libraries {libs}, expected {sorted(BNB_KEEP)}")
+    total = sum(p.stat().st_size for p in kit.iterdir() if p.is_file())
+    if total > MAX_KIT_MIB * 2**20:
+        raise SystemExit(f"{kit} is {mib(total)}, over {MAX_KIT_MIB} MiB")
 
 
 def tree_size() -> int:
@@ -424,10 +470,14 @@ def check(strict: bool, report_path: str) -> int:
     from importlib import metadata
 
     lines, problems = [], []
+    try:
+        verify_kit()
+    except SystemExit as e:
+        problems.append(str(e))
     kit = json.loads((KIT / "kit.json").read_text())["wheels"]
     kit_names = {canon(e["name"]) for e in kit}
     lines.append(f"python {sys.version.split()[0]} at {sys.executable}")
-    machine = ("torch", "transformers", "sentence-transformers", "accelerate", "huggingface-hub", "numpy", "pyarrow")
+    machine = ("torch", "transformers", "accelerate", "huggingface-hub", "numpy", "pyarrow")
     for e in kit + [{"name": n, "version": None} for n in machine]:
         try:
             dist = metadata.distribution(e["name"])

@@ -199,7 +199,7 @@ def test_notebook_is_clean_and_its_parameters_are_its_config(name):
 
 def test_every_notebook_has_the_same_setup_cell_and_it_installs_from_this_repository(tmp_path):
     """One setup cell, the repository URL in one place: pyproject.toml and the notebooks change together with
-    `make repository URL=...`, and a notebook copied out of the clone is told to pip-install from that URL."""
+    `make repository URL=...`; a notebook outside a clone installs from a clone of that URL (test_bootstrap)."""
     import re
     import tomllib
 
@@ -209,7 +209,7 @@ def test_every_notebook_has_the_same_setup_cell_and_it_installs_from_this_reposi
 
     [cell] = setup_cells(ROOT / "notebooks")
     url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    assert f'REPOSITORY = "{url}"' in cell and 'f"embtune @ git+{REPOSITORY}"' in cell
+    assert f'REPOSITORY = "{url}"' in cell and "bootstrap.py" in cell
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "notebooks", copy / "notebooks")
     for name in ("Makefile", "pyproject.toml"):
