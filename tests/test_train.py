@@ -136,6 +136,22 @@ def test_a_4bit_lora_run_ships_its_best_dev_checkpoint_when_it_is_not_the_last(m
     assert not [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
+def test_after_training_nothing_holds_the_trained_model(tiny_embedding, tmp_path):
+    """The merge and the slerp candidates load whole 16-bit models after training; the memory plan counts on the
+    trained model (and its optimizer) being gone by then: no reference survives release_trained."""
+    import gc
+    import weakref
+
+    from embtune.train import build_trainer, release_trained
+
+    training = build_trainer(config(tiny_embedding, tmp_path / "run", max_steps=1, eval_steps=1))
+    training.trainer.train()
+    model, optimizer = weakref.ref(training.trainer.model), weakref.ref(training.trainer.optimizer)
+    release_trained(training.trainer)
+    gc.collect()
+    assert model() is None and optimizer() is None
+
+
 def test_a_full_checkpoint_is_restored_whole(minilm_path, tmp_path):
     from embtune.train import restore_checkpoint
 

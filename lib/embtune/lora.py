@@ -29,7 +29,7 @@ class LoraOptions:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(QWEN_TARGET_MODULES))
-    gradient_checkpointing: bool | None = None  # None: on with a CUDA GPU
+    gradient_checkpointing: bool | None = None  # None: the embedder's memory plan decides; else on with a GPU
 
 
 @dataclass
@@ -139,6 +139,8 @@ def plan(options: LoraOptions, path: str, kind: str = "embedder", n_params: int 
         # (a capability given without a device, as the tests do, plans for that card without importing unsloth)
         problem = unsloth_problem() if torch.cuda.is_available() else "no CUDA device in this process"
         backend, why = ("peft", problem) if problem else ("unsloth", gpu)
+    # None: on with a GPU. The embedder never gets here with None: its memory plan (embtune.memory) decides first,
+    # on only where the model would not fit without it; the reranker has no memory plan yet.
     checkpointing = options.gradient_checkpointing
     if checkpointing is None:
         checkpointing = capability is not None
@@ -248,7 +250,9 @@ def load_embedder_for_training(path: str, options: LoraOptions, plan: Plan, max_
             )  # fmt: skip
         else:
             add_peft_lora(model, inner, options, plan)
-    if plan.gradient_checkpointing and plan.backend == "peft":
+    # unsloth applies its checkpointing inside get_peft_model only; for full fine-tuning its from_pretrained just
+    # turns torch.compile off (unsloth 2026.10.9, FastSentenceTransformer.from_pretrained): enabled here then.
+    if plan.gradient_checkpointing and (plan.backend == "peft" or plan.full_finetune):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -274,6 +278,8 @@ def load_reranker_for_training(path: str, options: LoraOptions, plan: Plan, max_
             target_modules=target_modules(lm, options.target_modules),
             use_gradient_checkpointing="unsloth" if plan.gradient_checkpointing else False, random_state=seed,
         )  # fmt: skip
+    elif plan.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as above
     model = load_reranker(path, max_length=max_length, model_kwargs={"device_map": "meta"})
     model[0].model = lm
     return model

@@ -147,6 +147,7 @@ class Setting:
     attention: str = "sdpa"  # sdpa (flash kernels: no scores saved) | eager (the softmax of every head saved)
     device: str = "cpu"
     eval_batch_size: int = 32
+    merge_choice: bool = True  # merge_with_base="auto": slerp candidates are loaded and scored after training
 
     @property
     def cached(self) -> bool:
@@ -155,8 +156,9 @@ class Setting:
 
 @dataclass
 class Estimate:
-    """Peak bytes of training, with its parts; `total` is the largest of the phases (the training step,
-    evaluation, merging the adapter), each on top of what stays resident."""
+    """Peak bytes of training, with its parts; `total` is the largest of the phases: the training step and
+    evaluation on top of the runtime, weights and trainable state; the merge after them, on top of the runtime
+    alone (the trained model is freed first)."""
 
     parts: dict[str, float]  # bytes
     total: float
@@ -266,15 +268,30 @@ def estimate(shape: ModelShape, setting: Setting, runtime: float | None = None) 
         * longest
         * (2 * s.activation_bytes * shape.hidden + 0.5 * layer_saved_bytes(shape, s, longest))
     )
-    # after training: the merge and slerp stream one tensor at a time (up to ~1 x the 16-bit size: MERGE_SHARE), and
-    # merge_with_base="auto" loads each slerp candidate beside the trained model to score it on dev
-    merge = MERGE_SHARE * shape.n_params * 2 + shape.n_params * s.weight_bytes
-    phases = {"training step": step, "evaluation": evaluation, "merge": merge}
-    phase = max(phases, key=phases.get)
+    held = runtime + weights + trainable
+    totals = {"training step": held + step, "evaluation": held + evaluation, "merge": merge_bytes(shape, s, runtime)}
+    phase = max(totals, key=totals.get)
     parts = {"runtime": runtime, "weights": weights, "trainable": trainable, "activations": step}
     if phase != "training step":
-        parts[phase] = phases[phase]
-    return Estimate(parts, runtime + weights + trainable + phases[phase], phase)
+        parts[phase] = totals[phase] - (runtime if phase == "merge" else held)
+    return Estimate(parts, totals[phase], phase)
+
+
+def merge_bytes(shape: ModelShape, s: Setting, runtime: float) -> float:
+    """Peak of what follows training (`train.save_outputs`), the trained model freed first: the merge and slerp
+    stream one tensor at a time; with merge_with_base="auto" each slerp
+    candidate is then loaded alone, in 16-bit on a GPU (the checkpoint's dtype on a CPU), and encodes the dev
+    queries and documents without gradients."""
+    # on a CPU the process maps the folders it reads (measured: MERGE_SHARE); on a GPU one tensor is there at a
+    # time: the largest, the embedding matrix, twice in 16-bit (base and trained), its result, float32 slices
+    streamed = MERGE_SHARE * shape.n_params * 2 if s.device == "cpu" else 8 * shape.vocab * shape.hidden
+    if not s.merge_choice:
+        return runtime + streamed
+    candidate = shape.n_params * (2 if s.device != "cpu" else shape.dtype_bytes)
+    length, a = max(s.lengths), 2 if s.device != "cpu" else shape.dtype_bytes
+    encode = ALLOCATOR_OVERHEAD * s.eval_batch_size * length * (2 * a * shape.hidden + 0.5 * layer_saved_bytes(
+        shape, Setting(1, (length,), full_finetune=True, activation_bytes=a), length))  # fmt: skip
+    return runtime + max(streamed, candidate + encode)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,14 +480,24 @@ def _mini_batches(batch_size: int) -> list[int]:
 def decide(shape: ModelShape, base: Setting, request: MemoryRequest, available: float, resident: float,
            runtime: float | None = None) -> MemoryPlan:  # fmt: skip
     """The settings that fit `resident + HEADROOM * available` bytes. The user's explicit choices are kept; open
-    ones are decided in this order: as asked (checkpointing off on a CPU, on on a GPU), gradient checkpointing on,
+    ones are decided in this order: as asked (checkpointing off), gradient checkpointing on,
     then the cached loss (GradCache) with the largest mini-batch that fits. If none fits, NotEnoughMemory names the
     nearest settings that would."""
     budget = resident + HEADROOM * available
     runtime = resident if runtime is None else runtime
+    after = merge_bytes(shape, base, runtime)
+    if after > budget:  # no training setting changes it: say so before training, not after
+        where = "RAM" if base.device == "cpu" else "GPU memory"
+        what = ("choosing what ships (merge_with_base='auto') loads one slerp candidate in 16-bit"
+                if base.merge_choice else "merging the adapter streams the model's tensors")  # fmt: skip
+        fix = ": set merge_with_base=1.0 to ship the model as trained without scoring candidates" * base.merge_choice
+        raise NotEnoughMemory(f"after training, {what}: ~{_gb(after)} GB, {_gb(budget)} GB {where} to use "
+                              f"({HEADROOM:.0%} of {_gb(available)} GB free + {_gb(resident)} GB held){fix}")
     loss = request.default_loss if request.loss == "auto" else request.loss
     cached_name = loss if loss.startswith("cached_") else CACHED.get(loss)
-    ckpt = request.gradient_checkpointing if request.gradient_checkpointing is not None else base.device != "cpu"
+    # Off unless asked or needed, on a GPU as on a CPU: checkpointing costs a third more compute for memory that a
+    # model which fits does not need (Qwen3-Embedding-0.6B on an H100, say).
+    ckpt = bool(request.gradient_checkpointing)
     final_ckpt = True if request.gradient_checkpointing is None else request.gradient_checkpointing
     choose_mini = request.mini_batch_size is None
     sizes = _mini_batches(base.batch_size) if choose_mini else [request.mini_batch_size]
@@ -602,5 +629,6 @@ def plan_memory(config, path: str | Path, lora_plan, dataset, prompts: dict[str,
         mini_batch_size=getattr(config, "mini_batch_size", None),
         max_seq_length=config.max_seq_length,
     )
-    base = setting_for(shape, lora_plan, config.batch_size, lengths, config, device)
+    base = dataclasses.replace(setting_for(shape, lora_plan, config.batch_size, lengths, config, device),
+                               merge_choice=getattr(config, "merge_with_base", "auto") == "auto")  # fmt: skip
     return decide(shape, base, request, available, resident, runtime)

@@ -30,7 +30,7 @@ from .config import DevSplit, Reuse, StepConfig, TrainingData
 from .data import BeirData, TrainingLabels, load_beir, split_train_dev, training_labels
 from .encode import query_prompt
 from .files import replace_dir, write_json
-from .lora import LoraOptions, Plan, finish, load_embedder_for_training, plan
+from .lora import LoraOptions, Plan, compute_dtype, finish, load_embedder_for_training, plan
 from .losses import build_loss
 from .rundir import (
     RunDir,
@@ -322,12 +322,11 @@ def save_outputs(training: Training, seconds: float) -> dict:
     checkpoint = choose_checkpoint(training)
     print(checkpoint.reason, flush=True)
     log.update(checkpoint=checkpoint.chosen, checkpoint_curve=checkpoint.curve, checkpoint_why=checkpoint.reason)
-    if training.plan.full_finetune:
-        with replace_dir(run.finetuned) as tmp:
-            model.save(str(tmp))
-    else:
-        with replace_dir(run.adapter) as tmp:
-            model.save(str(tmp))
+    with replace_dir(run.finetuned if training.plan.full_finetune else run.adapter) as tmp:
+        model.save(str(tmp))
+    del model
+    release_trained(trainer)  # what follows loads whole 16-bit models: the memory plan counts on this
+    if not training.plan.full_finetune:
         dtype = None if config.merge_dtype == "auto" else getattr(torch, config.merge_dtype)
         merge_adapter(config.base_model, run.adapter, run.finetuned, dtype)
     base = resolve(config.base_model)
@@ -344,6 +343,22 @@ def save_outputs(training: Training, seconds: float) -> dict:
                                              "merge_dtype": config.merge_dtype}}  # fmt: skip
     run.record("model", made)
     return log
+
+
+def release_trained(trainer) -> None:
+    """Drop every reference the trainer holds to the trained model and its optimizer (the loss wraps the model,
+    the collator and the evaluator hold its methods, accelerate keeps its own list) and return the memory, so that the merge and the slerp candidates after
+    training find it free."""
+    import gc
+
+    trainer.model = trainer.model_wrapped = trainer.loss = trainer.optimizer = trainer.lr_scheduler = None
+    trainer.data_collator = trainer.evaluator = trainer._train_dataloader = None  # its tokenizer, similarity
+    handler = trainer.callback_handler
+    handler.model = handler.optimizer = handler.lr_scheduler = handler.train_dataloader = handler.eval_dataloader = None
+    trainer.accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def restore_checkpoint(model, checkpoint: str | Path) -> None:
@@ -417,10 +432,12 @@ def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[
     if not training.dev_qrels:
         return 1.0, [], "model/: as trained (t = 1): no dev queries to choose a merge on"
     docs = dev_corpus(training.data, training.dev_qrels, config.eval_corpus_size, config.seed, config.doc_template)
+    # On a GPU in its 16-bit precision: fp16 below compute capability 8.0, where bf16 is only emulated (a T4)
+    kwargs = {"model_kwargs": {"dtype": compute_dtype(training.plan)}} if training.plan.precision != "fp32" else {}
     per = {}
     with tempfile.TemporaryDirectory(dir=Path(config.run_dir)) as tmp:
         for t in sorted({0.0, 1.0, *config.merge_grid}):  # the base and the trained model always among them
-            model = load_embedder(str(slerp_models(base, finetuned, t, Path(tmp) / "candidate")))
+            model = load_embedder(str(slerp_models(base, finetuned, t, Path(tmp) / "candidate")), **kwargs)
             per[t] = dense_ndcg(model, training.queries, training.dev_qrels, docs)
             del model  # one candidate in memory at a time
             gc.collect()
