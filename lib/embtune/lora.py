@@ -8,6 +8,7 @@ the plan out and the plan's one line says what is in effect and why.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +89,12 @@ def compute_dtype(plan: Plan) -> torch.dtype:
 
 
 def cuda_capability() -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
+    """The GPU's compute capability; EMBTUNE_CUDA_CAPABILITY (e.g. "7.5") plans as for that card instead, which
+    is how the GPU check rehearses a T4 (fp16 and a gradient scaler) on a newer one."""
+    if not torch.cuda.is_available():
+        return None
+    forced = os.environ.get("EMBTUNE_CUDA_CAPABILITY")
+    return tuple(int(x) for x in forced.split(".")) if forced else torch.cuda.get_device_capability(0)
 
 
 def unsloth_problem() -> str | None:

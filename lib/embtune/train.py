@@ -347,8 +347,8 @@ def save_outputs(training: Training, seconds: float) -> dict:
 
 def release_trained(trainer) -> None:
     """Drop every reference the trainer holds to the trained model and its optimizer (the loss wraps the model,
-    the collator and the evaluator hold its methods, accelerate keeps its own list) and return the memory, so that the merge and the slerp candidates after
-    training find it free."""
+    the collator and the evaluator hold its methods, the dataloaders the collator, accelerate keeps its own list)
+    and return the memory, so that the merge and the slerp candidates after training find it free."""
     import gc
 
     trainer.model = trainer.model_wrapped = trainer.loss = trainer.optimizer = trainer.lr_scheduler = None
