@@ -391,12 +391,15 @@ def return_freed_blocks(threshold: int = 2**20) -> bool:
 def available_memory(device: str = "cpu") -> tuple[float, float]:
     """(bytes this process may still grow by, bytes it holds now). CPU: free RAM (psutil's `available`), within a
     cgroup's limit when there is one (containers, Colab); the process's resident memory. GPU: free device memory
-    (`torch.cuda.mem_get_info`) and what torch has reserved."""
+    (`torch.cuda.mem_get_info`) within this process's cap, when `torch.cuda.set_per_process_memory_fraction` set one
+    (a shared card; the GPU check's T4 rehearsal), and what torch has reserved."""
     if device != "cpu":
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
-        return float(free), float(torch.cuda.memory_reserved())
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+        return float(min(free, fraction * total - reserved)), float(reserved)
     import psutil
 
     available = float(psutil.virtual_memory().available)
