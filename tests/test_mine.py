@@ -185,3 +185,21 @@ def test_ict_pairs_get_no_mined_negatives_and_labelled_pairs_still_do(planted, m
     assert all(r["negative_ids"] == [] for r in unsupervised)
     assert all(len(r["negative_ids"]) == 2 for r in rows if not r["query_id"].startswith("synthetic:"))
     assert stats["pairs_with_fewer_negatives"] == 0
+
+
+def test_the_top_candidate_is_a_negative_when_the_positive_ranks_below_it(minilm, minilm_path, tmp_path):
+    """A query whose labelled document is not the embedder's first hit (Big Ben asked about by year, the Eiffel
+    Tower ranking above it): the window starts at the first non-positive, whatever rank the positive holds, and
+    every negative is what an independent ranking puts there."""
+    corpus = "\n".join(json.dumps({"_id": i, "text": t}) for i, t in DOCS)
+    queries = json.dumps({"_id": "q5", "text": "Which famous tower was completed in the 1880s for a World's Fair?"})
+    folder = write_beir(tmp_path / "data", corpus, queries, {"train": "query-id\tcorpus-id\tscore\nq5\thard2\t1\n"})
+    data = load_beir(folder, limits="off")
+    docs = data.doc_texts()
+    doc_emb = encode(minilm, list(docs.values()))
+    q = encode(minilm, [data.queries["q5"]], "query")[0]
+    order = [d for _, d in sorted(((-float(doc_emb[i] @ q), d) for i, d in enumerate(docs)))]
+    assert order.index("hard2") >= 2  # the fixture's point: the positive is not first
+    config = mine_config(tmp_path / "run", num_negatives=3, relative_margin=None, near_duplicate=None)
+    [row], _ = mine(minilm, minilm_path, data, config)
+    assert row["negative_ids"] == [d for d in order if d != "hard2"][:3]
