@@ -203,3 +203,33 @@ def test_the_top_candidate_is_a_negative_when_the_positive_ranks_below_it(minilm
     config = mine_config(tmp_path / "run", num_negatives=3, relative_margin=None, near_duplicate=None)
     [row], _ = mine(minilm, minilm_path, data, config)
     assert row["negative_ids"] == [d for d in order if d != "hard2"][:3]
+
+
+def test_negatives_are_reused_only_when_mined_from_the_same_data_and_settings(planted, minilm, minilm_path, tmp_path,
+                                                                               capsys):  # fmt: skip
+    """The run directory's reuse rule, for mining as for the other steps: the same settings read the saved
+    negatives back; changed settings, or other data into the same run, mine again; reuse="error" stops, naming
+    what changed."""
+    import shutil
+
+    from embtune.rundir import StaleArtifact
+
+    run = tmp_path / "run"
+
+    def mined(data, **settings):
+        config = dataclasses.replace(mine_config(run, **settings), data_dir=str(data.path))
+        rows, stats = mine(minilm, minilm_path, data, config)
+        save(rows, stats, run)
+        return rows, capsys.readouterr().out
+
+    first, _ = mined(planted, num_negatives=2)
+    again, said = mined(planted, num_negatives=2)
+    assert again == first and "mined from the same inputs and settings; reused" in said
+    more, said = mined(planted, num_negatives=3)
+    assert "(changed: num_negatives); rebuilding" in said and max(len(r["negative_ids"]) for r in more) == 3
+    with pytest.raises(StaleArtifact, match=r"made from other inputs \(changed: range_max\)"):
+        mined(planted, num_negatives=3, range_max=4, reuse="error")
+    other = shutil.copytree(planted.path, tmp_path / "other")
+    (other / "queries.jsonl").write_text((other / "queries.jsonl").read_text().replace("Eiffel", "Paris"))
+    _, said = mined(load_beir(other, limits="off"), num_negatives=3)
+    assert "(changed: data); rebuilding" in said

@@ -169,11 +169,12 @@ def test_a_read_only_run_directory_is_one_line(read_only_folder, minilm_path):
     assert done.stderr.startswith(f"error: run_dir {read_only_folder}/run: {read_only_folder} is not writable")
 
 
-def test_a_query_in_train_and_test_is_refused_or_dropped(tmp_path):
+@pytest.mark.parametrize("split", ["test", "dev"])  # dev too: the checkpoint and the slerp t are chosen on it
+def test_a_query_in_train_and_a_held_out_split_is_refused_or_dropped(tmp_path, split):
     data = shutil.copytree(SAMPLES / "pydocs", tmp_path / "data")
-    test_line = (data / "qrels" / "test.tsv").read_text().splitlines()[1]
+    test_line = (data / "qrels" / f"{split}.tsv").read_text().splitlines()[1]
     with open(data / "qrels" / "train.tsv", "a") as f:
-        f.write(test_line + "\n")  # a test query's label copied into train
+        f.write(test_line + "\n")  # a held-out query's label copied into train
     loaded = load_beir(data)
     with pytest.raises(DataError, match=r"train.tsv: query ids labelled in train and in dev/test: .* \(1 in all\)"):
         training_labels(loaded, tmp_path / "run")
