@@ -128,6 +128,15 @@ def test_the_estimate_adds_up_by_hand():
     # log-sum-exp 4 x 4; MLP 3 x 4 x 128; LoRA 2 x 4 x (5*64 + 64 + 128) + 7 x 4 x 16
     assert layer_saved_bytes(shape, s, 20) == 896 + 1040 + 1536 + 4544
     assert e.total == 1e9 + e.parts["weights"] + e.parts["trainable"] + e.parts["activations"]
+    # activations of a plain loss: every column kept until the backward pass, per token 2 layers of 8,016 bytes
+    # plus the embedding output and final norm (4 + 2 x 4) x 64 = 768; then the backward's extra for the longest
+    # column: 8 x 20 tokens x half a layer, and the padding mask 8 x 20 x 20; all x 1.1 for the allocator
+    kept = 8 * (10 + 20) * (2 * 8016 + 768)
+    assert e.parts["activations"] == pytest.approx(1.1 * (kept + 8 * 20 * 4008 + 8 * 20 * 20))
+    # with checkpointing: each layer keeps only its input (4 x 64 bytes a token); the backward recomputes a layer
+    ckpt = estimate(shape, dataclasses.replace(s, gradient_checkpointing=True), runtime=1e9)
+    kept = 8 * (10 + 20) * (2 * 256 + 768)
+    assert ckpt.parts["activations"] == pytest.approx(1.1 * (kept + 8 * 20 * (8016 + 4008) + 8 * 20 * 20))
     four_bit = estimate(shape, dataclasses.replace(s, quant="4bit"), runtime=0)
     linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
     assert shape.linear_params == linear
