@@ -133,6 +133,17 @@ def test_an_alternative_that_beats_the_trained_model_clearly_ships(base_scores):
     assert choose_on_dev(two, "t", default=1.0, base=0.0).chosen == 1.0  # two: 0.030 > 0.025, the default stays
 
 
+def test_among_clear_alternatives_the_best_ships_wherever_it_sits_in_the_grid(base_scores):
+    """Two alternatives beat t = 1 clearly (t-statistics 6 and 4); the best is the first of the grid, not the
+    last, and in either order of the dict it is the one that ships."""
+    trained = planted(base_scores, 0.04)
+    best, good = planted(trained, 0.06), planted(trained, 0.04)
+    for grid in ({0.0: base_scores, 0.25: best, 0.75: good, 1.0: trained},
+                 {1.0: trained, 0.75: good, 0.25: best, 0.0: base_scores}):  # fmt: skip
+        choice = choose_on_dev(grid, "t", default=1.0, base=0.0)
+        assert choice.chosen == 0.25 and choice.question == "alternative", choice.reason
+
+
 def test_the_base_ships_when_the_trained_model_does_not_beat_it(base_scores):
     """(a) decides first: trained is 0.002 above the base (p 0.42), so the base ships, even though t = 0.25
     is a clear gain over t = 1."""
