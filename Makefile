@@ -14,7 +14,7 @@ RERANKER ?=
 PARAMS ?=
 OUT ?= fixtures
 
-.PHONY: setup test run-all smoke bench bench-quality lint fixtures clean gpu-kit gpu-rehearsal repository llama-server
+.PHONY: setup test run-all smoke bench bench-quality lint mutate fixtures clean gpu-kit gpu-rehearsal repository llama-server
 
 # What the notebooks need (`make run-all`); tests and lint add requirements-dev.txt, benchmarks the SmolLM2 GGUF.
 setup: $(STAMP)
@@ -66,6 +66,12 @@ bench-quality: $(BENCH_STAMP)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check lib tests bench notebooks data_samples
+
+# Mutation testing (mutmut) of library modules with their fast unit tests: `make mutate MODULE="merge search"`;
+# scores in docs/benchmarks/mutation.json (bench/mutate.py says how to read a survivor).
+MODULE ?= search
+mutate: $(DEV_STAMP)
+	$(PY) bench/mutate.py $(MODULE)
 
 # The wheels the lent GPU machine lacks (unsloth, unsloth_zoo, bitsandbytes, trl, datasets, ...), stripped, in
 # gpu_kit/ for the device tool's `carry: ["gpu_kit"]`; downloads cached in build/; fails over 60 MiB.

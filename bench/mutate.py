@@ -1,0 +1,118 @@
+"""Mutation testing of one library module with its own fast unit tests (`make mutate MODULE=merge`): mutmut
+changes the module one operator, constant or call at a time and runs the tests that reach the changed function;
+a mutant no test notices ("survived") is a claim the tests do not hold the code to.
+
+Each module runs in a scratch folder of its own, build/mutate/<module>/ (mutmut writes its mutants/ and reads its
+settings from the pyproject.toml there), with lib/ (as src/), tests/ and data_samples/ linked in. The score and the
+surviving mutants land in docs/benchmarks/mutation.json and the "Mutation testing" section of docs/BENCHMARKS.md;
+`mutmut show <name>` in the scratch folder prints a survivor's diff.
+
+    python bench/mutate.py merge [search ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from common import markdown_table, save_results, saved
+
+ROOT = Path(__file__).resolve().parents[1]
+# Each module's fast tests (no notebook runs, no llama.cpp): pytest selections, run from the scratch folder.
+TESTS = {
+    "evaluate": ["tests/test_evaluate.py", "-k", "not notebook"],
+    "merge": ["tests/test_train.py", "-k", "slerp or merge"],
+    "mine": ["tests/test_mine.py"],
+    "rundir": ["tests/test_rundir.py"],
+    "search": ["tests/test_search.py"],
+    "serving": ["tests/test_export.py", "-k", "server or hypothesis or reranker_target"],
+    "memory": ["tests/test_memory.py"],
+}
+
+
+def scratch(module: str) -> Path:
+    """build/mutate/<module>/: links to lib/ (as src/), tests/, data_samples/, bench/ and a pyproject.toml with
+    mutmut's settings."""
+    folder = ROOT / "build" / "mutate" / module
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    # mutmut imports mutated code from src/ (or ./, source/) only, and drops that folder's original from sys.path
+    (folder / "src").symlink_to(ROOT / "lib")
+    for name in ("tests", "data_samples", "bench"):
+        (folder / name).symlink_to(ROOT / name)
+    selection = ", ".join(json.dumps(a) for a in TESTS[module])
+    (folder / "pyproject.toml").write_text(f"""[tool.mutmut]
+source_paths = ["src"]
+only_mutate = ["src/embtune/{module}.py"]
+pytest_add_cli_args_test_selection = [{selection}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
+
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+""")
+    return folder
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(module: str) -> dict:
+    subprocess.run([sys.executable, "-m", "mutmut", "run"], cwd=scratch(module), env=ENV, check=True)
+    return collect(module)
+
+
+def collect(module: str) -> dict:
+    """The counts and the survivors of the last run in build/mutate/<module>/."""
+    folder = ROOT / "build" / "mutate" / module
+    mutmut = [sys.executable, "-m", "mutmut"]
+    env = ENV
+    subprocess.run([*mutmut, "export-cicd-stats"], cwd=folder, env=env, check=True)
+    stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
+    survivors = subprocess.run([*mutmut, "results"], cwd=folder, env=env, capture_output=True, text=True,
+                               check=True).stdout.split("\n")  # fmt: skip
+    stats["survivors"] = [line.strip() for line in survivors if line.strip().endswith(": survived")]
+    # mutmut's names: embtune.<module>.x_<function>__mutmut_<n>, methods xǁ<Class>ǁ<method>__mutmut_<n>
+    names = (re.search(r"\.x[_ǁ](.+)__mutmut_\d+: survived$", n)[1].replace("ǁ", ".") for n in stats["survivors"])
+    by_function = Counter(names)
+    stats["survivors_by_function"] = dict(by_function.most_common())
+    scored = stats["killed"] + stats["survived"]
+    stats["score"] = round(stats["killed"] / scored, 3) if scored else None
+    stats["date"] = datetime.date.today().isoformat()
+    return stats
+
+
+def section(results: dict) -> str:
+    rows = [{"module": m, "mutants": r["total"], "killed": r["killed"], "survived": r["survived"],
+             "not reached": r["no_tests"], "timed out": r["timeout"], "score": r["score"], "date": r["date"],
+             "survivors by function": ", ".join(f"{f} {n}" for f, n in r["survivors_by_function"].items())}
+            for m, r in sorted(results.items())]  # fmt: skip
+    return ("## Mutation testing\n\n`make mutate MODULE=...` (`bench/mutate.py`): mutmut on one module with its fast "
+            "unit tests; score = killed / (killed + survived), mutants no selected test reaches counted apart. "
+            "In `build/mutate/<module>/`, `mutmut show <name>` prints a survivor.\n\n"
+            + markdown_table(rows, list(rows[0])))  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="+", choices=sorted(TESTS))
+    parser.add_argument("--collect", action="store_true", help="report the last run's results, without running")
+    args = parser.parse_args()
+    results = (saved("mutation") or {}).get("modules", {})
+    for module in args.modules:
+        r = results[module] = collect(module) if args.collect else run(module)
+        print(f"{module}: {r['killed']} of {r['killed'] + r['survived']} mutants killed ({r['score']}), "
+              f"{r['no_tests']} not reached by the tests, {r['timeout']} timed out")  # fmt: skip
+        save_results("mutation", {"modules": results}, section(results))
+
+
+if __name__ == "__main__":
+    main()
