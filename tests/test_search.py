@@ -53,8 +53,37 @@ def test_fusion_keeps_queries_one_system_found_nothing_for():
 def test_fusion_on_a_hand_computed_case():
     dense = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
     lexical = {"q": {"b": 12.0, "c": 8.0, "d": 2.0}}
-    rrf = fuse([dense, lexical], "rrf", k=60)["q"]
+    rrf = fuse([dense, lexical])["q"]  # the defaults: RRF with Cormack et al.'s k = 60
     assert rrf == pytest.approx({"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 63 + 1 / 62, "d": 1 / 63})
     wsum = fuse([dense, lexical], "wsum", weights=[0.5, 0.5])["q"]
     # min-max per run: dense a 1, b 0.5, c 0; lexical b 1, c 0.6, d 0
     assert wsum == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.3, "d": 0.0})
+
+
+def test_fusion_honours_its_constant_and_default_weights_by_hand():
+    """RRF at k = 1, where the constant matters (ranx's default is 60): a 1/2, b 1/3 + 1/2; wsum with the default
+    equal weights of three runs (1/3 each) against weights that favour the first; a method ranx has but we do
+    not promise is refused."""
+    dense = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
+    lexical = {"q": {"b": 12.0, "c": 8.0, "d": 2.0}}
+    assert fuse([dense, lexical], "rrf", k=1)["q"] == pytest.approx(
+        {"a": 1 / 2, "b": 1 / 3 + 1 / 2, "c": 1 / 4 + 1 / 3, "d": 1 / 4})
+    third = {"q": {"d": 1.0, "a": 0.0}}
+    # min-max: dense a 1, b .5, c 0; lexical b 1, c .6, d 0; third d 1, a 0
+    assert fuse([dense, lexical, third], "wsum")["q"] == pytest.approx(
+        {"a": 1 / 3, "b": 0.5, "c": 0.2, "d": 1 / 3})
+    assert fuse([dense, lexical], "wsum", weights=[0.8, 0.2])["q"] == pytest.approx(
+        {"a": 0.8, "b": 0.6, "c": 0.12, "d": 0.0})
+    with pytest.raises(ValueError, match='method must be "rrf" or "wsum", not \'max\''):
+        fuse([dense, lexical], "max")
+
+
+def test_bm25_keeps_a_one_character_word_of_a_script_without_spaces_and_drops_stop_words():
+    """A lone CJK character between punctuation is a token of its own (Chinese has many one-character words:
+    猫, cat); with English stop words a query of stop words alone matches nothing, without them it does."""
+    assert bm25_tokens("猫。") == ["猫"]
+    docs = {"cat": "猫，一种小型哺乳动物。", "dog": "狗是人类的朋友。", "en": "the cat of the house"}
+    found = bm25_search({"q": "猫"}, docs, k=3, stopwords=None)["q"]
+    assert max(found, key=found.get) == "cat"
+    assert bm25_search({"q": "the of"}, docs, k=3)["q"] == {}  # English stop words by default
+    assert list(bm25_search({"q": "the of"}, docs, k=3, stopwords=None)["q"]) == ["en"]
