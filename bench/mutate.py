@@ -63,6 +63,7 @@ def scratch(module: str) -> Path:
     (folder / "pyproject.toml").write_text(f"""[tool.mutmut]
 source_paths = ["src"]
 only_mutate = ["src/embtune/{module}.py"]
+also_copy = ["data_samples"]
 pytest_add_cli_args_test_selection = [{selection}]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 
