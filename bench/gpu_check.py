@@ -289,11 +289,15 @@ def chosen_checkpoint_matches(run: Path, log: dict) -> bool:
 
 def against_the_adapter(base: str, adapter: Path, merged: str, dry_run: bool) -> tuple[float, float]:
     """The lowest cosine of `merged` (read by plain sentence-transformers) to the adapter on the unquantised base
-    (plain peft), and of the adapter on the NF4 base to that same reference; each in a process without unsloth."""
-    reference = elsewhere("embed", base, "peft", str(adapter), dry_run=dry_run)
-    target = elsewhere("embed", merged, "plain", dry_run=dry_run)
-    nf4 = elsewhere("embed", base, "peft-nf4", str(adapter), dry_run=dry_run)
+    (plain peft), and of the adapter on the NF4 base to that same reference; in a process without unsloth."""
+    reference, target, nf4 = elsewhere("embed_each", [[base, "peft", str(adapter)], [merged, "plain"],
+                                                      [base, "peft-nf4", str(adapter)]], dry_run=dry_run)  # fmt: skip
     return min(cosines(target, reference)), min(cosines(nf4, reference))
+
+
+def embed_each(calls: list[list]) -> list[list]:
+    """`embed(*call)` for each call, in one process (one interpreter start for several models)."""
+    return [embed(*call) for call in calls]
 
 
 def restores_exactly(model, checkpoint: Path) -> bool:

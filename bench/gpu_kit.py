@@ -57,18 +57,20 @@ class Wheel:
     dropped_why: str = ""
 
 
-def _pins() -> dict[str, tuple[str, str]]:
-    """requirements.txt's pins, read by the setup cells' installer (loaded by path: stdlib only, no embtune
-    __init__): the kit carries exactly those versions, so the kit, `make setup` and Colab cannot disagree."""
+def _bootstrap():
+    """The setup cells' installer, loaded by path (stdlib only, no embtune __init__): its requirements.txt reader
+    and package-name rule, so the kit, `make setup` and Colab cannot disagree."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bootstrap", ROOT / "lib" / "embtune" / "bootstrap.py")
-    bootstrap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bootstrap)
-    return bootstrap.read_pins(ROOT / "requirements.txt")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-PIN = {key: version for key, (_, version) in _pins().items()}
+BOOTSTRAP = _bootstrap()
+canon = BOOTSTRAP.canon
+PIN = {key: version for key, (_, version) in BOOTSTRAP.read_pins(ROOT / "requirements.txt").items()}
 BNB_KEEP = ["bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cpu.so"]
 WHEELS = [
     Wheel("unsloth", PIN["unsloth"], "the training path: FastSentenceTransformer (notebook 03), FastLanguageModel",
@@ -111,10 +113,6 @@ OMITTED = {
     "msgspec": "vLLM's LoRA requests only (unsloth_zoo.vllm_lora_request)",
     "certifi": "TLS certificates; metadata floor only, the machine is offline",
 }  # fmt: skip
-
-
-def canon(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def mib(n: int) -> str:

@@ -85,10 +85,9 @@ def collect(module: str) -> dict:
     """The counts and the survivors of the last run in build/mutate/<module>/."""
     folder = ROOT / "build" / "mutate" / module
     mutmut = [sys.executable, "-m", "mutmut"]
-    env = ENV
-    subprocess.run([*mutmut, "export-cicd-stats"], cwd=folder, env=env, check=True)
+    subprocess.run([*mutmut, "export-cicd-stats"], cwd=folder, env=ENV, check=True)
     stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
-    survivors = subprocess.run([*mutmut, "results"], cwd=folder, env=env, capture_output=True, text=True,
+    survivors = subprocess.run([*mutmut, "results"], cwd=folder, env=ENV, capture_output=True, text=True,
                                check=True).stdout.split("\n")  # fmt: skip
     stats["survivors"] = [line.strip() for line in survivors if line.strip().endswith(": survived")]
     # mutmut's names: embtune.<module>.x_<function>__mutmut_<n>, methods xǁ<Class>ǁ<method>__mutmut_<n>

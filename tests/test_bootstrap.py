@@ -30,7 +30,8 @@ def wheel(folder, name, version, requires=()):
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory):
-    """A venv standing in for a Colab: torch 1.5 and ipykernel 6.0 installed; the 'registry' offers newer ones."""
+    """A venv standing in for a Colab: torch 1.5, ipykernel 6.0 and beta 3.0 installed; the 'registry' offers
+    others."""
     root = tmp_path_factory.mktemp("machine")
     index = root / "index"
     index.mkdir()
@@ -46,7 +47,8 @@ def machine(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     offline = ["--no-index", "--find-links", str(index), "--disable-pip-version-check"]
-    subprocess.run([python, "-m", "pip", "install", "-q", *offline, "torch==1.5", "ipykernel==6.0"], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", *offline, "torch==1.5", "ipykernel==6.0", "beta==3.0"],
+                   check=True)  # fmt: skip
     requirements = root / "requirements.txt"
     requirements.write_text("# pins\ntorch==2.0\nxformers==0.1\nalpha==1.0  # not the newest\nbeta==1.0\n"
                             "ipykernel==7.0\n")  # fmt: skip
@@ -69,7 +71,9 @@ def test_every_install_lands_at_the_pins_and_the_machine_keeps_its_torch_and_ker
         "demo": "1.0", "alpha": "1.0", "torch": "1.5", "ipykernel": "6.0", "xformers": "0.2"}
     assert "installed at requirements.txt's versions: alpha 1.0" in result.stdout
     assert "already there: ipykernel 6.0, torch 1.5" in result.stdout
-    # a dependency of a dependency is held too
+    # beta 3.0 was there and demo does not need it: left alone, and said so
+    assert got["beta"] == "3.0" and f"left as they were, not needed by {demo}: beta 3.0 (pinned 1.0)" in result.stdout
+    # once an install needs it (a dependency of a dependency), it moves to its pin
     later = subprocess.run([python, str(ROOT / "lib" / "embtune" / "bootstrap.py"), "--requirements",
                             str(requirements), "beta_user", *offline], capture_output=True, text=True)  # fmt: skip
     assert later.returncode == 0, later.stderr[-2000:]

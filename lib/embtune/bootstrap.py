@@ -3,7 +3,8 @@ versions: every notebook's setup cell runs this file, standard library only, bef
 
 pip is given a constraints file built from requirements.txt (the one source of truth, so the Colab cell, `make
 setup` and the GPU kit cannot disagree): every package it installs, asked for or pulled in as a dependency, lands
-at the pinned version. unsloth's own ceilings (transformers, trl, datasets) only warn when broken; these hold.
+at the pinned version. unsloth's own ceilings (transformers, trl, datasets) only warn when broken; these hold. It
+prints what it installed, what was already at its pin, and what it left alone at another version (not needed).
 Two kinds of package stay as the machine has them instead, pinned there at their installed version: torch and what
 is built against it (a Colab's CUDA torch is not to be swapped for a multi-GB download, and xformers or triton for
 another torch do not load: the resolver picks the ones matching the kept torch), and the kernel running this
@@ -51,12 +52,11 @@ def constraints(pins: dict[str, tuple[str, str]], installed: dict[str, str]) -> 
     """name -> version pip must install. The machine's torch stack and kernel stay as installed; when its torch is
     not the pinned one, the torch-built packages it lacks are left to the resolver (matched to its torch)."""
     own_torch = "torch" in installed and installed["torch"] != pins.get("torch", (None, None))[1]
-    out = {name: installed[key] for key in TORCH_BUILT | KERNEL if key in installed
-           for name in [pins.get(key, (key, None))[0]]}  # fmt: skip
+    kept = {key for key in TORCH_BUILT | KERNEL if key in installed}
+    out = {pins[key][0] if key in pins else key: installed[key] for key in kept}
     for key, (name, version) in pins.items():
-        if key in installed and key in TORCH_BUILT | KERNEL or own_torch and key in TORCH_BUILT:
-            continue
-        out[name] = version
+        if key not in kept and not (own_torch and key in TORCH_BUILT):
+            out[name] = version
     return out
 
 
@@ -67,22 +67,22 @@ def main(argv=None) -> int:
     args, pip_options = parser.parse_known_args(argv)
     before = installed_versions()
     wanted = constraints(read_pins(args.requirements), before)
-    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as f:
-        f.write("".join(f"{name}=={version}\n" for name, version in sorted(wanted.items())))
-    command = [sys.executable, "-m", "pip", "install", "-q", "-c", f.name, *pip_options, args.source]
-    print("bootstrap:", " ".join(command), flush=True)
-    subprocess.check_call(command)
-    Path(f.name).unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        pinned = Path(tmp) / "constraints.txt"
+        pinned.write_text("".join(f"{name}=={version}\n" for name, version in sorted(wanted.items())))
+        command = [sys.executable, "-m", "pip", "install", "-q", "-c", str(pinned), *pip_options, args.source]
+        print("bootstrap:", " ".join(command), flush=True)
+        subprocess.check_call(command)
     after = installed_versions()
-    off = {n: (v, after[canon(n)]) for n, v in wanted.items() if canon(n) in after and after[canon(n)] != v}
-    if off:
-        raise SystemExit("bootstrap: installed at other versions than pinned: "
-                         + ", ".join(f"{n} {got} (pinned {v})" for n, (v, got) in sorted(off.items())))  # fmt: skip
     now = {n: after[canon(n)] for n in wanted if canon(n) in after}
     new = [f"{n} {v}" for n, v in sorted(now.items()) if before.get(canon(n)) != v]
-    kept = [f"{n} {v}" for n, v in sorted(now.items()) if before.get(canon(n)) == v]
+    kept = [f"{n} {v}" for n, v in sorted(now.items()) if before.get(canon(n)) == v == wanted[n]]
+    # pip moves a package to its pin only when the install needs it; one that is merely present stays as it was
+    other = [f"{n} {v} (pinned {wanted[n]})" for n, v in sorted(now.items()) if v != wanted[n]]
     print(f"bootstrap: installed at requirements.txt's versions: {', '.join(new) or 'nothing new'}")
     print(f"bootstrap: already there: {', '.join(kept) or 'nothing'}")
+    if other:
+        print(f"bootstrap: left as they were, not needed by {args.source}: {', '.join(other)}")
     return 0
 
 
