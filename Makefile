@@ -12,6 +12,7 @@ RUN ?= runs/pydocs
 GENERATOR ?=
 RERANKER ?=
 PARAMS ?=
+UNTIL ?=
 OUT ?= fixtures
 
 .PHONY: setup test run-all smoke bench bench-quality lint mutate fixtures clean gpu-kit gpu-rehearsal repository llama-server
@@ -48,7 +49,7 @@ llama-server: setup
 run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \
 		$(if $(GENERATOR),--generator "$(GENERATOR)") $(if $(RERANKER),--reranker "$(RERANKER)") \
-		$(foreach p,$(PARAMS),--param "$(p)")
+		$(if $(UNTIL),--until "$(UNTIL)") $(foreach p,$(PARAMS),--param "$(p)")
 
 # Speed and memory (CPU, under 30 min), then the goals table; each script rewrites its section of docs/BENCHMARKS.md.
 bench: $(BENCH_STAMP)

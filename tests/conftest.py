@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,3 +82,21 @@ def write_beir(folder: Path, corpus=None, queries=None, qrels=None) -> Path:
     for split, text in qrels.items():
         (folder / "qrels" / f"{split}.tsv").write_text(text, encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write to: permissions for an ordinary user; for root, whom permissions do not stop,
+    a read-only file system mounted there."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"root, and no read-only file system can be mounted here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

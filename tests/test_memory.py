@@ -318,3 +318,69 @@ def test_training_plans_with_the_cached_loss_on_a_cpu_return_freed_blocks_and_ot
     plain = FIT_MEMORY.format(model=str(tiny_embedding), loss="qwen3", mini=None)
     assert released_mb(cached) > 350
     assert released_mb(plain) < 50
+
+
+@pytest.mark.parametrize(("backend", "quant", "full", "precision", "checkpoint", "expected"), [
+    # (weight, activation, trainable bytes, device): what each loader is handed, by hand from embtune.lora
+    ("peft", "4bit", False, "fp16", 4, (2, 2, 2, "cuda")),  # QLoRA on a T4: 16-bit compute and LoRA weights
+    ("peft", "4bit", False, "fp32", 2, (4, 4, 4, "cpu")),  # 4-bit on a CPU computes in float32
+    ("peft", "none", False, "bf16", 4, (2, 2, 2, "cuda")),  # LoRA on a GPU loads a float32 checkpoint in bf16
+    ("peft", "none", True, "bf16", 4, (4, 2, 4, "cuda")),  # full fine-tuning keeps the checkpoint's float32
+    ("peft", "none", True, "fp32", 2, (2, 2, 2, "cpu")),  # a bf16 checkpoint on a CPU: as stored
+    ("unsloth", "none", True, "bf16", 2, (4, 2, 4, "cuda")),  # unsloth full fine-tuning: float32 master weights
+    ("unsloth", "none", False, "fp16", 4, (2, 2, 2, "cuda")),  # unsloth 16-bit LoRA of a float32 checkpoint
+])  # fmt: skip
+def test_the_setting_is_what_the_plan_loads(backend, quant, full, precision, checkpoint, expected):
+    from embtune.lora import LoraOptions, Plan
+
+    how = Plan(backend=backend, quant=quant, full_finetune=full, precision=precision, gradient_checkpointing=False,
+               n_params=100_000, why="test", lora_r=8)  # fmt: skip
+    shape = dataclasses.replace(QWEN3_06B, dtype_bytes=checkpoint)
+    options = LoraOptions(target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    s = memory.setting_for(shape, how, 24, [40, 300], options)
+    assert (s.weight_bytes, s.activation_bytes, s.trainable_bytes, s.device) == expected
+    assert (s.batch_size, s.lengths, s.full_finetune, s.quant) == (24, (40, 300), full, quant)
+    assert (s.lora_r, s.lora_targets, s.lora_dropout) == (8, ("q_proj", "v_proj"), 0.1)
+    assert memory.setting_for(shape, how, 24, [40], None).lora_targets is None  # no options: every projection
+
+
+def test_the_refusal_names_the_nearest_setting_of_each_kind_that_fits():
+    """Qwen3-0.6B LoRA in float32 on a CPU, batch 32 of 64 + 300 tokens, a plain loss and no checkpointing asked
+    for explicitly, and a budget just above batch 8's need. The oracle searches each knob alone, from the setting
+    down, with the estimate (tested by hand above)."""
+    base = Setting(batch_size=32, lengths=(64, 300), weight_bytes=4, activation_bytes=4, trainable_bytes=4)
+
+    def need(**changes):
+        return estimate(QWEN3_06B, dataclasses.replace(base, **changes), runtime=1e9).total
+
+    budget = need(batch_size=8) * 1.01
+    fits = {name: need(**changes) <= budget for name, changes in {
+        "as asked": {}, "checkpointing": {"gradient_checkpointing": True}, "cached": {"mini_batch_size": 1},
+        "batch 16": {"batch_size": 16}, "batch 8": {"batch_size": 8},
+        "max 256": {"lengths": (64, 256)}, "max 128": {"lengths": (64, 128)}, "max 64": {"lengths": (64, 64)},
+        "max 32": {"lengths": (32, 32)}, "4bit": {"quant": "4bit"}}.items()}  # fmt: skip
+    assert fits == {"as asked": False, "checkpointing": True, "cached": True, "batch 16": False, "batch 8": True,
+                    "max 256": False, "max 128": False, "max 64": False, "max 32": True, "4bit": False}  # fmt: skip
+    asked = MemoryRequest(batch_size=32, loss="qwen3", gradient_checkpointing=False)
+    with pytest.raises(NotEnoughMemory) as raised:
+        decide(QWEN3_06B, base, asked, available=budget / HEADROOM, resident=0, runtime=1e9)
+    free = budget / HEADROOM
+    assert str(raised.value) == (
+        f"training needs ~{need() / 1e9:.1f} GB, {budget / 1e9:.1f} GB RAM to use (90% of {free / 1e9:.1f} GB free"
+        " + 0.00 GB held): try gradient_checkpointing=True, or loss='cached_qwen3', or batch_size=8, or "
+        "max_seq_length=32, or a GPU")  # fmt: skip
+    # on a GPU, with the cached loss asked for (mini-batch 4): no "a GPU" and no cached twin to offer
+    gpu = dataclasses.replace(base, device="cuda", mini_batch_size=4)
+    cached = MemoryRequest(batch_size=32, loss="cached_qwen3", mini_batch_size=4, gradient_checkpointing=False)
+
+    def gpu_fits(**changes):
+        return estimate(QWEN3_06B, dataclasses.replace(gpu, **changes), runtime=1e9).total <= budget
+
+    budget = 1.01 * estimate(QWEN3_06B, dataclasses.replace(gpu, batch_size=2, mini_batch_size=2), runtime=1e9).total
+    assert not gpu_fits() and gpu_fits(gradient_checkpointing=True)
+    assert not gpu_fits(batch_size=4) and gpu_fits(batch_size=2, mini_batch_size=2)
+    assert not gpu_fits(lengths=(64, 256)) and gpu_fits(lengths=(64, 128))
+    with pytest.raises(NotEnoughMemory) as raised:
+        decide(QWEN3_06B, gpu, cached, available=budget / HEADROOM, resident=0, runtime=1e9)
+    assert "GB GPU memory to use" in str(raised.value)
+    assert str(raised.value).endswith("try gradient_checkpointing=True, or batch_size=2, or max_seq_length=128")

@@ -46,7 +46,7 @@ def tiny_run(tiny_models, tmp_path_factory):
     tiny_embedding, tiny_reranker = tiny_models
     run = tmp_path_factory.mktemp("tiny") / "run"
     args = ["--data", str(SAMPLES / "manpages_zh"), "--model", str(tiny_embedding), "--run", str(run)]
-    result = run_all(*args, "--reranker", str(tiny_reranker), "--param", "rerank_top_k=20")
+    result = run_all(*args, "--reranker", str(tiny_reranker), "--param", "rerank_top_k=5")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -257,10 +257,15 @@ def test_run_all_without_labels_trains_on_synthetic_queries(tmp_path, tiny_embed
     assert refused.returncode == 2 and "GENERATOR=ict" in refused.stderr and not run.exists()
     typo = run_all(*args, "--generator", "ict", "--param", "min_cosin=0.5")
     assert typo.returncode == 2 and "min_cosin" in typo.stderr
+    beyond = run_all(*args, "--generator", "ict", "--until", "9")
+    assert beyond.returncode == 2 and beyond.stderr.strip().splitlines() == [
+        "error: --until 9: no notebook has that number (01, 02, 03, 04, 05, 06, 07)"]  # fmt: skip
     # a random tiny model cannot judge relevance: the embedding filters are off here (tested with MiniLM)
     filters = ["--param", "min_cosine=None", "--param", "round_trip_k=None", "--param", "max_documents=150"]
-    result = run_all(*args, "--generator", "ict", *filters)
+    result = run_all(*args, "--generator", "ict", "--until", "5", *filters)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "== 06_reranker.ipynb: skipped (after UNTIL=5)\n== 07_export.ipynb: skipped (after UNTIL=5)" in result.stdout
+    assert not (run / "export").exists() and not (run / "notebooks" / "07_export.ipynb").exists()
     stats = json.loads((run / "synthetic" / "stats.json").read_text())
     assert stats["generator"] == "inverse cloze task (no LLM)" and stats["documents"] == 150 and stats["kept"] > 100
     log = json.loads((run / "train_log.json").read_text())

@@ -144,24 +144,6 @@ def test_what_is_known_before_training_is_checked_before_training(tmp_path, tiny
     assert reasons["03_train"] is None and reasons["06_reranker"] == "no RERANKER"
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder nobody may write to: permissions for an ordinary user; for root, whom permissions do not stop,
-    a read-only file system mounted there."""
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"root, and no read-only file system can be mounted here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_read_only_run_directory_is_one_line(read_only_folder, minilm_path):
     args = ["--data", str(SAMPLES / "pydocs"), "--model", minilm_path, "--run", str(read_only_folder / "run")]
     done = subprocess.run([sys.executable, "-m", "embtune.run_all", *args], capture_output=True, text=True)

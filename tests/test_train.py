@@ -17,7 +17,7 @@ from conftest import SAMPLES
 from embtune.data import load_beir
 from embtune.encode import encode, instruct
 from embtune.losses import qwen3_infonce
-from embtune.merge import slerp, slerp_models
+from embtune.merge import slerp_models
 from embtune.models import load_embedder
 from embtune.synthetic import SynthConfig, generate
 from embtune.train import TrainConfig, load_for_training, train
@@ -209,11 +209,8 @@ def test_merge_equals_adapter_and_changes_the_model(trained, tiny_embedding):
     assert np.abs(encode(merged, TEXTS) - encode(base, TEXTS)).max() > 1e-2  # the LoRA update landed
 
 
-def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding, tmp_path):
-    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
-    mid = slerp(a, b, 0.5)
-    assert torch.allclose(mid, torch.tensor([1.0, 1.0]) / 2**0.5 * 1.5, atol=1e-6)  # angle halved, norm mean
-    assert torch.equal(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b)
+def test_slerp_of_the_trained_model_goes_from_the_base_to_it(trained, tiny_embedding, tmp_path):
+    """The model-level ends and middle (the formula itself: tests/test_merge.py)."""
     run_dir, _ = trained
 
     def at(t):
@@ -227,50 +224,6 @@ def test_slerp_interpolates_on_the_sphere(trained, tiny_embedding, tmp_path):
     half = at(0.5)
     assert 0 < np.abs(encode(half, TEXTS, progress=False) - base).max() < np.abs(tuned - base).max()
     assert half.prompts["query"] == instruct(TASK)  # the fine-tuned model's prompts
-
-
-def test_slerp_at_an_asymmetric_t_follows_the_formula_by_hand(trained, tiny_embedding, tmp_path):
-    """t = 0.25, where swapping t and 1 - t (or the two models) gives another answer: the angle a quarter of the
-    way from a, the norm a quarter of the way; each tensor of slerp_models against numpy's own formula."""
-    import math
-
-    from safetensors.numpy import load_file
-
-    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
-    quarter = 1.25 * torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8)])
-    assert torch.allclose(slerp(a, b, 0.25), quarter, atol=1e-6)
-    run_dir, _ = trained
-    out = slerp_models(tiny_embedding, run_dir / "finetuned", 0.25, tmp_path / "quarter")
-    base, tuned, mixed = (load_file(next(Path(f).glob("*.safetensors")))
-                          for f in (tiny_embedding, run_dir / "finetuned", out))  # fmt: skip
-    changed = 0
-    for name, x in base.items():
-        x, y = x.astype(np.float64).ravel(), tuned[name].astype(np.float64).ravel()
-        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-        omega = math.acos(np.clip(x @ y / (nx * ny), -1, 1))
-        if omega < 1e-4:
-            expected = 0.75 * x + 0.25 * y
-        else:
-            unit = (math.sin(0.75 * omega) * x / nx + math.sin(0.25 * omega) * y / ny) / math.sin(omega)
-            expected = (0.75 * nx + 0.25 * ny) * unit
-            changed += 1
-        np.testing.assert_allclose(mixed[name].ravel(), expected, rtol=1e-4, atol=1e-6, err_msg=name)
-    assert changed > 10  # the trained projections moved: the formula's curved branch was exercised
-
-
-def test_merge_equals_peft_merge_and_unload(trained, tiny_embedding):
-    """The tensor-by-tensor merge gives peft's own merge_and_unload weights (the independent reference)."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    run_dir, _ = trained
-    reference = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_embedding), run_dir / "adapter")
-    expected = reference.merge_and_unload().state_dict()
-    merged = load_file(run_dir / "finetuned" / "model.safetensors")
-    assert merged.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(merged[name], value, atol=1e-6, rtol=1e-5)
 
 
 UNSLOTH_SAVE = """

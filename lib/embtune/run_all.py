@@ -4,7 +4,7 @@ Inputs are checked first (data layout, model folders or hub), so a bad input cos
 and leaves nothing behind. Executed notebooks are saved under `RUN/notebooks/`.
 
     python -m embtune.run_all --data DIR --model NAME_OR_DIR --run DIR [--generator G] [--reranker R] \
-        [--param NAME=VALUE ...]
+        [--until NN] [--param NAME=VALUE ...]
 
 `--param` sets any notebook parameter (a Python literal, else a string) in every notebook that declares it,
 e.g. `--param epochs=1 --param min_cosine=None`; `make run-all PARAMS="epochs=1 min_cosine=None"` does the same.
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--param", action="append", default=[], type=parse_param, metavar="NAME=VALUE", help="a notebook parameter"
     )
+    parser.add_argument("--until", default="", help="number of the last notebook to run, e.g. 05 (UNTIL)")
     parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of numbered notebooks")
     args = parser.parse_args(argv)
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no numbered notebooks (NN_name.ipynb) in {args.notebooks}", file=sys.stderr)
         return 2
+    numbers = [p.name[:2] for p in paths]
+    if args.until and args.until.zfill(2) not in numbers:
+        print(f"error: --until {args.until}: no notebook has that number ({', '.join(numbers)})", file=sys.stderr)
+        return 2
     import papermill as pm
 
     declared = set().union(*(pm.inspect_notebook(str(p)) for p in paths))
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(params["run_dir"])
     out_dir = run_dir / "notebooks"
     for path in paths:
-        reason = skip_reason(path, conditions)
+        reason = f"after UNTIL={args.until}" if args.until and path.name[:2] > args.until.zfill(2) else None
+        reason = reason or skip_reason(path, conditions)
         if reason:
             (out_dir / path.name).unlink(missing_ok=True)  # an earlier run's copy would claim it ran
             print(f"== {path.name}: skipped ({reason})", flush=True)
