@@ -184,3 +184,22 @@ def test_fusion_weight_is_zero_for_a_random_reranker_and_one_for_a_perfect_one()
     # The reranker's own order: no mix can beat a perfect one, though several tie with it at NDCG@10 1.0.
     assert choice.chosen == 1.0 and choice.question == "default"
     assert sum(p["ndcg@10"] == 1.0 for p in choice.curve) > 1
+
+
+def test_judged_dev_queries_choose_with_or_without_training_labels(tmp_path):
+    """The data's own dev split is what the rerankers' fusion weight is chosen on, also when there are no training
+    labels (judged queries only); data with neither has no dev queries."""
+    from conftest import write_beir
+    from embtune.data import load_beir
+    from embtune.evaluate import EvalConfig, dev_split
+
+    header = "query-id\tcorpus-id\tscore\n"
+    splits = {"test": header + "q0\td0\t1\nq1\td1\t1\n", "dev": header + "q2\td2\t1\nq3\td3\t2\nq3\td4\t0\n"}
+    folder = write_beir(tmp_path / "judged", qrels=splits)
+    config = EvalConfig(data_dir=str(folder), run_dir=str(tmp_path / "run"), base_model="-")
+    queries, dev = dev_split(load_beir(folder, limits="off"), config)
+    assert dev == {"q2": {"d2": 1}, "q3": {"d3": 2}} and queries["q3"] == "query 3"
+    labelled = write_beir(tmp_path / "labelled", qrels={**splits, "train": header + "q5\td5\t1\n"})
+    assert dev_split(load_beir(labelled, limits="off"), config)[1] == dev
+    neither = write_beir(tmp_path / "neither", qrels={"test": splits["test"]})
+    assert dev_split(load_beir(neither, limits="off"), config) == ({}, {})

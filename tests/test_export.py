@@ -334,11 +334,17 @@ def test_the_onnx_export_of_the_tiny_qwen3_reranker_scores_what_the_model_does(t
 
 def test_the_onnx_export_of_a_cross_encoder_scores_what_it_does(minilm_path, tmp_path):
     """A cross-encoder (BERT-type, one logit): the consumer's reranker client encodes (query, document) as a pair
-    and takes the sigmoid, as sentence-transformers' CrossEncoder does."""
+    and takes the sigmoid, as sentence-transformers' CrossEncoder does. A small random BERT with MiniLM's
+    tokenizer (what is checked is the route, not the model's skill)."""
     from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    CrossEncoder(minilm_path, num_labels=1, device="cpu").save(str(tmp_path / "cross"))  # an untrained head
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, num_labels=1)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "cross")
+    tokenizer.save_pretrained(tmp_path / "cross")
     reranker = CrossEncoder(str(tmp_path / "cross"), device="cpu")
     export_onnx(reranker, tmp_path / "cross", tmp_path / "onnx")
     assert not consumer.OnnxReranker(tmp_path / "onnx").causal

@@ -22,19 +22,33 @@ from embtune.rundir import (
     model_fingerprint,
 )
 
-MADE = make_manifest({"data": "d1", "base_model": "m1"}, {"epochs": 2, "path": os.path})
+MADE = {"inputs": {"data": "d1", "base_model": "m1"}, "params": {"epochs": 2, "path": str(os.path)}}
 
 
 def artifact(run: RunDir, manifest=MADE):
-    (run.root / "hard_negatives").mkdir(parents=True, exist_ok=True)
+    """hard_negatives/ as notebook 02 leaves it, with a folder among its paths."""
+    (run.root / "hard_negatives" / "parts").mkdir(parents=True, exist_ok=True)
     run.hard_negatives.write_text("rows")
-    (run.root / "hard_negatives" / "stats.json").write_text("{}")
+    (run.root / "hard_negatives" / "parts" / "0.jsonl").write_text("{}")
     run.record("hard_negatives", manifest)
-    return [run.hard_negatives, run.root / "hard_negatives" / "stats.json"]
+    return [run.hard_negatives, run.root / "hard_negatives" / "parts"]
+
+
+def test_the_run_directory_has_the_documented_layout(tmp_path):
+    """The layout README.md and the module's docstring promise, restated: notebooks and users find artifacts there."""
+    run = RunDir(tmp_path)
+    layout = {"synthetic": "synthetic", "hard_negatives": "hard_negatives/train.jsonl", "cache": "cache",
+              "checkpoints": "checkpoints", "adapter": "adapter", "finetuned": "finetuned", "model": "model",
+              "train_log": "train_log.json", "mrl": "mrl.json", "metrics": "metrics.json", "report": "report.md",
+              "reranker": "reranker", "reranker_model": "reranker/model", "notebooks": "notebooks",
+              "manifests": "manifests"}  # fmt: skip
+    assert {k: str(v.relative_to(tmp_path)) for k, v in vars(run).items() if k != "root"} == layout
+    assert run.root == tmp_path and repr(run) == f"RunDir({str(tmp_path)!r})"
 
 
 def test_a_manifest_holds_inputs_and_parameters_as_json():
-    assert MADE == {"inputs": {"data": "d1", "base_model": "m1"}, "params": {"epochs": 2, "path": str(os.path)}}
+    # parameters as JSON holds them: what is not JSON (a module, a path) by its str
+    assert make_manifest({"data": "d1", "base_model": "m1"}, {"epochs": 2, "path": os.path}) == MADE
     assert differences(None, MADE) == ["no record of how it was made"]
     assert differences(MADE, MADE) == []
     other = make_manifest({"data": "d2", "base_model": "m1", "reranker": "r"}, {"epochs": 2})
@@ -48,15 +62,15 @@ def test_an_artifact_is_reused_only_when_made_from_the_same_inputs(tmp_path, cap
     paths = artifact(run)
     assert not run.reusable("hard_negatives", MADE, "matching", [tmp_path / "absent"])  # nothing there to reuse
     assert run.reusable("hard_negatives", MADE, "matching", paths) and all(p.exists() for p in paths)
-    changed = make_manifest({"data": "d2", "base_model": "m1"}, MADE["params"])
+    changed = make_manifest({"data": "d2", "base_model": "m1"}, {**MADE["params"], "epochs": 3})
     with pytest.raises(StaleArtifact) as stale:
         run.reusable("hard_negatives", changed, "error", paths)
-    assert str(stale.value) == (f"{paths[0]} was made from other inputs (changed: data); delete it, or set "
+    assert str(stale.value) == (f"{paths[0]} was made from other inputs (changed: data, epochs); delete it, or set "
                                 "reuse='matching' to rebuild it")  # fmt: skip
     assert all(p.exists() for p in paths) and run.manifest("hard_negatives") == MADE  # "error" touches nothing
     assert not run.reusable("hard_negatives", changed, "matching", paths)
     assert not any(p.exists() for p in paths) and run.manifest("hard_negatives") is None
-    assert f"{paths[0]}: made from other inputs (changed: data); rebuilding" in capsys.readouterr().out
+    assert f"{paths[0]}: made from other inputs (changed: data, epochs); rebuilding" in capsys.readouterr().out
     paths = artifact(run)
     assert not run.reusable("hard_negatives", MADE, "never", paths) and not any(p.exists() for p in paths)
     assert "(changed: reuse=never); rebuilding" in capsys.readouterr().out
@@ -90,9 +104,10 @@ def test_the_model_fingerprint_follows_the_weights_and_the_location(tmp_path):
     touched = model_fingerprint(model)
     assert touched != first
     (model / "1_Dense" / "model.safetensors").write_bytes(b"x")  # a module's weights count too
-    assert model_fingerprint(model) != touched
-    (model / "pytorch_model.bin").write_bytes(b"y")
-    assert model_fingerprint(model) not in (first, touched)
+    dense = model_fingerprint(model)
+    assert dense != touched
+    (model / "pytorch_model.bin").write_bytes(b"y")  # and weights saved the old way
+    assert model_fingerprint(model) not in (first, touched, dense)
     os.symlink(model, tmp_path / "link")
     assert model_fingerprint(tmp_path / "link") == model_fingerprint(model)  # the resolved location
     assert model_fingerprint("org/name") != model_fingerprint("org/other")  # a hub name that is not a folder
@@ -101,6 +116,7 @@ def test_the_model_fingerprint_follows_the_weights_and_the_location(tmp_path):
 def test_the_data_fingerprint_follows_the_contents_of_the_beir_files_only(tmp_path):
     a, b = write_beir(tmp_path / "a"), write_beir(tmp_path / "b")
     assert data_fingerprint(a) == data_fingerprint(b)  # contents, not location
+    assert len(data_fingerprint(a)) == 16
     (a / "README.md").write_text("notes")
     (a / "qrels" / "notes.txt").write_text("x")
     assert data_fingerprint(a) == data_fingerprint(b)
@@ -124,6 +140,7 @@ def test_the_data_fingerprint_follows_the_contents_of_the_beir_files_only(tmp_pa
 def test_the_corpus_fingerprint_follows_ids_titles_and_texts_and_their_boundaries():
     corpus = {"d1": {"title": "A", "text": "bc"}, "d2": {"title": "", "text": "x"}}
     same = corpus_fingerprint(corpus)
+    assert len(same) == 16
     assert corpus_fingerprint({k: dict(v) for k, v in corpus.items()}) == same
     for changed in ({"d1": {"title": "Ab", "text": "c"}},  # the same characters, another boundary
                     {"d1": {"title": "A", "text": "bd"}}, {"d3": {"title": "A", "text": "bc"}}):  # fmt: skip
@@ -139,7 +156,7 @@ def test_a_run_directory_that_is_holds_or_lies_inside_an_input_is_refused(tmp_pa
     for run, relation in cases.items():
         name, path = ("base_model", model) if relation == "holds" else ("data_dir", data)
         with pytest.raises(OverlappingPaths) as refused:
-            check_outputs(run, data_dir=data, base_model=model)
+            check_outputs(run, reranker=None, data_dir=data, base_model=model)  # an absent input is passed over
         assert str(refused.value) == (f"run_dir {run.resolve()} {relation} {name} {path.resolve()}: the run would "
                                       "write into what it reads; pick a run directory outside it")  # fmt: skip
     check_outputs(tmp_path / "data2", data_dir=data)  # a sibling that shares a prefix is not inside

@@ -4,6 +4,8 @@ asymmetric t. Seconds, so that `make mutate MODULE=merge` runs them per mutant."
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +66,6 @@ def test_the_merge_equals_peft_merge_and_unload(adapter, tiny_embedding, tmp_pat
 
 def test_an_adapter_other_than_plain_lora_or_for_another_model_is_refused(adapter, tiny_embedding, minilm_path,
                                                                           tmp_path):  # fmt: skip
-    import shutil
-
     dora = shutil.copytree(adapter, tmp_path / "dora")
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
@@ -77,8 +77,6 @@ def test_an_adapter_other_than_plain_lora_or_for_another_model_is_refused(adapte
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(adapter, tiny_embedding, tmp_path):
-    import shutil
-
     from safetensors.torch import load_file as load_torch
 
     rs = shutil.copytree(adapter, tmp_path / "rs")
@@ -139,3 +137,94 @@ def test_slerp_models_interpolates_each_tensor_and_keeps_the_second_model_s_fold
     with pytest.raises(ValueError, match="not the architecture of"):
         slerp_models(out / "1_Pooling", tuned, 0.5, tmp_path / "bad")  # a folder without the model's weights
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("unsupported", [{"use_dora": True}, {"fan_in_fan_out": True}, {"rank_pattern": {"q": 8}},
+                                         {"alpha_pattern": {"q": 8}}, {"modules_to_save": ["score"]},
+                                         {"peft_type": "IA3"}])  # fmt: skip
+def test_every_adapter_other_than_plain_lora_is_refused_by_name(adapter, tiny_embedding, tmp_path, unsupported):
+    other = shutil.copytree(adapter, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, **unsupported}))
+    used = "IA3" if "peft_type" in unsupported else str(list(unsupported))
+    with pytest.raises(ValueError, match=f"only plain LoRA adapters merge here \\(this one uses {re.escape(used)}\\)"):
+        merge_adapter(str(tiny_embedding), other, tmp_path / "out")
+    del config["peft_type"]  # an adapter_config.json without a type is LoRA's
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    merge_adapter(str(tiny_embedding), other, tmp_path / "out")
+
+
+def test_a_sharded_base_merges_into_shards_with_its_index_and_metadata(adapter, tiny_embedding, tmp_path):
+    """A base saved in shards (as every model above 5 GB is): each shard merged, the index and the files'
+    metadata ("format": "pt", which transformers checks) kept; the model loads whole and equals peft's merge."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    base = tmp_path / "sharded"
+    shutil.copytree(tiny_embedding, base)
+    for f in base.glob("model*.safetensors"):
+        f.unlink()
+    AutoModel.from_pretrained(tiny_embedding).save_pretrained(base, max_shard_size="100KB")
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 2 and (base / "model.safetensors.index.json").exists()
+    out = merge_adapter(str(base), adapter, tmp_path / "merged")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (base / "model.safetensors.index.json").read_text()
+    for shard in shards:
+        with safe_open(out / shard, "pt") as merged, safe_open(base / shard, "pt") as original:
+            assert merged.metadata() == original.metadata() == {"format": "pt"}
+    expected = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_embedding), adapter).merge_and_unload()
+    got = AutoModel.from_pretrained(out).state_dict()
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_our_safetensors_reader_and_writer_agree_with_the_safetensors_library(tmp_path):
+    """The format by its own library, both ways: empty, integer, 16-bit and boolean tensors, metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from embtune.merge import SafetensorsFile, write_safetensors
+
+    tensors = {"empty": torch.zeros(0, 3), "ids": torch.arange(5), "half": torch.randn(2, 3).bfloat16(),
+               "mask": torch.tensor([True, False]), "odd": torch.randn(7).half()}  # fmt: skip
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    theirs = SafetensorsFile(tmp_path / "theirs.safetensors")
+    assert theirs.meta == {"format": "pt"} and set(theirs.keys()) == set(tensors)
+    for name, value in tensors.items():
+        assert torch.equal(theirs.tensor(name), value) and theirs.tensor(name).dtype == value.dtype, name
+    specs = [(n, tuple(v.shape), v.dtype) for n, v in tensors.items()]
+    write_safetensors(tmp_path / "ours.safetensors", specs, tensors.__getitem__, {"format": "pt", "note": "x"})
+    read = load_file(tmp_path / "ours.safetensors")
+    assert all(torch.equal(read[n], v) and read[n].dtype == v.dtype for n, v in tensors.items())
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    raw = (tmp_path / "ours.safetensors").read_bytes()
+    assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # the data starts 8-byte aligned
+    with pytest.raises(ValueError, match=r"^ids: shape \(5,\), expected \(6,\)$"):
+        write_safetensors(tmp_path / "bad.safetensors", [("ids", (6,), torch.int64)], tensors.__getitem__)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_slerp_near_the_ends_of_its_range_of_angles(monkeypatch):
+    """At a wide angle (2.5 rad) the arc; within 1e-4 of antiparallel the straight line (the arc is undefined
+    there); a zero tensor: the line; a tensor with itself: itself, though rounding puts its cosine above 1; in
+    slices as in one piece; the result in the first tensor's dtype."""
+    from embtune import merge
+
+    a, b = torch.tensor([1.0, 0.0]), 2 * torch.tensor([math.cos(2.5), math.sin(2.5)])
+    expected = 1.25 * torch.tensor([math.cos(0.25 * 2.5), math.sin(0.25 * 2.5)])
+    assert torch.allclose(slerp(a, b, 0.25), expected, atol=1e-6)
+    almost_opposite = torch.tensor([-3.0, 1e-5])
+    assert torch.allclose(slerp(a, almost_opposite, 0.25), torch.tensor([0.0, 2.5e-6]), atol=1e-9)
+    assert torch.equal(slerp(torch.zeros(2), b, 0.25), 0.25 * b)
+    x = torch.full((1000,), 0.1)
+    assert float(x @ x) / float(x.norm() * x.norm()) > 1  # the case the clamp is for
+    assert torch.allclose(slerp(x, x, 0.3), x)
+    assert slerp(a, b.half(), 1.0).dtype == torch.float32
+    generator = torch.Generator().manual_seed(2)
+    y, z = torch.randn(10_000, generator=generator), torch.randn(10_000, generator=generator)
+    whole = slerp(y, z, 0.3)
+    monkeypatch.setattr(merge, "SLICE", 4096)  # three slices, the last one short
+    torch.testing.assert_close(slerp(y, z, 0.3), whole)

@@ -165,16 +165,25 @@ def test_a_full_checkpoint_is_restored_whole(minilm_path, tmp_path):
     np.testing.assert_allclose(encode(model, TEXTS), encode(changed, TEXTS), atol=1e-6)
 
 
-def test_what_ships_is_the_base_when_training_hurts_on_dev(minilm_path, tmp_path):
-    """Planted: a learning rate that wrecks all-MiniLM-L6-v2 in a few steps. On dev nothing beats the base, so
-    model/ is the base model, and the run says so."""
-    log = train(TrainConfig(base_model=minilm_path, data_dir=str(SAMPLES / "pydocs"), run_dir=str(tmp_path / "run"),
-                            max_steps=6, eval_steps=6, batch_size=16, learning_rate=5e-3, max_seq_length=64,
-                            eval_corpus_size=200))  # fmt: skip
+def test_what_ships_is_the_base_when_training_hurts_on_judged_dev_queries(minilm, minilm_path, tmp_path):
+    """Planted: a learning rate that wrecks all-MiniLM-L6-v2 in a few steps. No training labels, only synthetic
+    (inverse cloze) queries, and the data's own dev split of judged queries: those decide (a dev split cut from
+    synthetic queries would not, t = 0.5 above); on them nothing beats the base, so model/ is the base model,
+    and the run says so."""
+    data_dir = shutil.copytree(SAMPLES / "pydocs", tmp_path / "data")
+    (data_dir / "qrels" / "train.tsv").unlink()
+    run_dir = tmp_path / "run"
+    generate(minilm, minilm_path, load_beir(data_dir, limits="off"),
+             SynthConfig(data_dir=str(data_dir), run_dir=str(run_dir), base_model=minilm_path, generator_model="ict",
+                         min_cosine=None, round_trip_k=None, max_documents=200))  # fmt: skip
+    log = train(TrainConfig(base_model=minilm_path, data_dir=str(data_dir), run_dir=str(run_dir), max_steps=6,
+                            eval_steps=6, batch_size=16, learning_rate=5e-3, max_seq_length=64, eval_corpus_size=200,
+                            merge_grid=[0.5]))  # fmt: skip
+    assert log["n_dev_queries"] == 69 and log["n_train_rows"] > 150  # the data's dev split; synthetic pairs
     curve = {p["t"]: p["ndcg@10"] for p in log["merge_curve"]}
     assert curve[1.0] < curve[0.0] - 0.1 and log["merge_with_base"] == 0.0
     assert log["merge_why"].startswith("model/ is the base model (t = 0.0)")
-    shipped, base = (load_embedder(p, device="cpu") for p in (str(tmp_path / "run" / "model"), minilm_path))
+    shipped, base = (load_embedder(p, device="cpu") for p in (str(run_dir / "model"), minilm_path))
     np.testing.assert_allclose(encode(shipped, TEXTS), encode(base, TEXTS), atol=1e-6)
 
 

@@ -38,6 +38,7 @@ class EvalConfig(StepConfig, TrainingData, DevSplit):
     hybrid_weights: list[float] | None = None  # dense and BM25 weights of the weighted sum; None: equal
     reranker_model: str | None = None  # a stock reranker: adds the two-stage systems
     rerank_top_k: int = 100  # dense candidates the reranker re-scores per query
+    rerank_max_length: int = 1024  # tokens of instruction + query + document the reranker reads
     general_sts: str | None = "auto"  # the general-skill check: "auto" the bundled STS sample, a file, None off
     general_drop: float = 5.0  # warn when the shipped model loses more Spearman points (x100) than this
 
@@ -122,13 +123,14 @@ def side_by_side(models: dict[str, str], query: str, data, run_dir, template: st
 
 def dev_split(data, config: EvalConfig) -> tuple[dict[str, str], dict]:
     """(queries, dev qrels): the dev queries notebooks 03 and 06 held out, for choosing without touching the
-    evaluation split; none when the data has no training labels (evaluation-only data)."""
+    evaluation split: the data's own dev split (with or without training labels), else a slice of the training
+    queries; none for data with neither."""
     from .data import split_train_dev, training_labels
 
     labels = training_labels(data, config.run_dir, config.split_overlap)
-    if not labels.qrels:
-        return {}, {}
-    return labels.queries, split_train_dev(data, labels, config.seed, config.dev_fraction)[1]
+    if labels.qrels:
+        return labels.queries, split_train_dev(data, labels, config.seed, config.dev_fraction)[1]
+    return (data.queries, data.relevant("dev")) if "dev" in data.qrels else ({}, {})
 
 
 def two_stage(reranker, first: dict, queries: dict[str, str], docs: dict[str, str], config: EvalConfig,

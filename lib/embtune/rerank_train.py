@@ -44,6 +44,7 @@ class RerankConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     warmup_ratio: float = 0.1
     save_steps: int = 50
     rerank_top_k: int = 100  # dense candidates per query the rerankers re-score
+    rerank_max_length: int = 1024  # tokens of instruction + query + document a reranker reads when scoring
     split: str | None = None  # evaluation split; None: "test", else "dev"
 
 
@@ -101,7 +102,8 @@ def train_reranker(config: RerankConfig) -> dict:
     inputs = {"data": data_fingerprint(config.data_dir), "reranker_model": model_fingerprint(base),
               "hard_negatives": fingerprint(run.manifest("hard_negatives"))}  # fmt: skip
     shaping = {k: v for k, v in asdict(config).items() if k not in ("data_dir", "run_dir", "base_model", "reuse",
-                                                                      "rerank_top_k", "split")}  # fmt: skip
+                                                                      "rerank_top_k", "rerank_max_length",
+                                                                      "split")}  # fmt: skip
     made_from = make_manifest(inputs, shaping)
     run.reusable("reranker_checkpoints", made_from, config.reuse, [out / "checkpoints"])
     run.record("reranker_checkpoints", made_from)

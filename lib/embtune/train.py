@@ -70,8 +70,8 @@ class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     # "auto": as trained (t = 1), unless it does not beat the base on the dev queries (then the base: the run never
     # hands over a model its dev queries do not show to be better), or another t of `merge_grid` beats t = 1
     # clearly (evaluate.choose_on_dev: a paired test, not the maximum; WiSE-FT; the Qwen3 report merges by slerp);
-    # trained on synthetic queries alone, 0.5, since a dev split of synthetic queries cannot see the model drift
-    # toward the generator's habits. A number forces t.
+    # trained on synthetic queries alone with no dev split in the data (judged queries), 0.5, since a dev split of
+    # synthetic queries cannot see the model drift toward the generator's habits. A number forces t.
     merge_with_base: float | str = "auto"
     merge_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
@@ -411,7 +411,9 @@ def choose_checkpoint(training: Training):
 
 def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[dict], str]:
     """(t, the dev curve over the grid, one line saying why): the slerp of the base (t = 0) and the trained model
-    (t = 1, the default) that ships, chosen on the dev queries by `evaluate.choose_on_dev`, never on test."""
+    (t = 1, the default) that ships, chosen on the dev queries by `evaluate.choose_on_dev`, never on test. The
+    data's own dev split (labelled or judged queries) decides also when training had synthetic queries alone; a dev
+    split cut from synthetic queries does not (it cannot see drift toward the generator), so t = 0.5 then."""
     import gc
     import tempfile
 
@@ -426,9 +428,10 @@ def choose_merge(training: Training, base: str, finetuned) -> tuple[float, list[
                          f"{config.merge_with_base!r}")  # fmt: skip
     if forced:
         return float(config.merge_with_base), [], f"model/: slerp at t = {config.merge_with_base} (merge_with_base)"
-    if not training.labelled:
+    if not training.labelled and "dev" not in training.data.qrels:
         return 0.5, [], ("model/: half-way between the base and the trained model (t = 0.5): trained on synthetic "
-                         "queries alone, whose dev split cannot see drift toward the generator's habits")  # fmt: skip
+                         "queries alone, with no judged dev queries to see drift toward the generator's habits "
+                         "(judge some: qrels/dev.tsv)")  # fmt: skip
     if not training.dev_qrels:
         return 1.0, [], "model/: as trained (t = 1): no dev queries to choose a merge on"
     docs = dev_corpus(training.data, training.dev_qrels, config.eval_corpus_size, config.seed, config.doc_template)
