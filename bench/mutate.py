@@ -45,6 +45,18 @@ JUDGED = {
               "rrf's norm, wsum's method and min-max norm) but one, dense_search's default depth of 100, which "
               "callers always pass; dense_run and index_memory are reached by test_evaluate and test_mine, not by "
               "test_search (the 39 not reached)",
+    "merge": "the survivors read on 2026-12-06 are equivalent on this CPU-only machine or cosmetic: the GPU branch of "
+             "_device and the device argument of tensor reads (the GPU check's train rows merge on a GPU), '<q' for "
+             "'<Q' (headers under 2**63 bytes), JSON separators (whitespace is valid in a safetensors header), a "
+             "metadata default of None either way, the empty-buffer branch's dtype (viewed and reshaped the same), "
+             "the config.json skip when copying an adapter folder (the base's is copied over it next), the message "
+             "of a folder without safetensors, slerp's bounds at equality (t = 0.5 for integer tensors, eps, the "
+             "angle's 1e-4 margins) and its t in (0, 1) shortcut (the formula gives the same tensors), and how many "
+             "names two error messages list",
+    "rundir": "the survivors read on 2026-12-06 are equivalent: the manifest's encoding='utf-8' on a UTF-8 locale (a "
+              "CJK manifest under a non-UTF-8 locale would need it: untested here), flush of a progress line, "
+              "resolve() of a path that does not exist, rglob on what is not a folder, the hashing block size, '' "
+              "for None as 'no checkpoint', and other splits of checkpoint-N (the names have one dash)",
 }  # fmt: skip
 
 
