@@ -203,3 +203,31 @@ def test_judged_dev_queries_choose_with_or_without_training_labels(tmp_path):
     assert dev_split(load_beir(labelled, limits="off"), config)[1] == dev
     neither = write_beir(tmp_path / "neither", qrels={"test": splits["test"]})
     assert dev_split(load_beir(neither, limits="off"), config) == ({}, {})
+
+
+def test_significance_is_a_paired_t_test_and_counts_ties():
+    """Against scipy's paired t-test on the per-query scores (the independent reference); a gain at p between 0.05
+    and 0.1 is not significant at the default level; a query with the same score is a tie."""
+    from scipy.stats import ttest_rel
+
+    from embtune.evaluate import beats, dense_baseline, mean_se
+
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(12)}
+    base = {q: {"x": 1.0, "y": 0.9, f"d{i}": 0.5} for i, q in enumerate(qrels)}  # relevant at rank 3
+    tuned = {q: ({f"d{i}": 1.0} if i in (0, 1, 2) else {"x": 1.0, f"d{i}": 0.5} if i == 3 else base[q])
+             for i, q in enumerate(qrels)}  # fmt: skip
+    tuned["q11"] = {"x": 1.0, "y": 0.9, "z": 0.8, "d11": 0.1}  # one loss: rank 4
+    sig = significance(qrels, {"base": base, "finetuned": tuned})["finetuned"]["ndcg@10"]
+    a, b = per_query(qrels, tuned), per_query(qrels, base)
+    reference = ttest_rel([a[q] for q in qrels], [b[q] for q in qrels])
+    assert 0.05 < reference.pvalue < 0.2
+    assert sig["p_value"] == pytest.approx(reference.pvalue, rel=1e-6) and not sig["significant"]
+    assert sig["delta"] == pytest.approx(np.mean([a[q] - b[q] for q in qrels]), abs=1e-6) and sig["delta"] > 0
+    table = wins_losses(qrels, {"base": base, "finetuned": tuned}, {q: q for q in qrels})
+    assert tally(table) == {"wins": 4, "ties": 7, "losses": 1}
+    # a gain without variance has no t statistic: p = 0 for a gain on every query, 1 for none
+    assert beats(np.array([0.6, 0.7]), np.array([0.5, 0.6])) == 0.0
+    assert beats(np.array([0.5, 0.6]), np.array([0.5, 0.6])) == 1.0
+    assert beats(np.array([0.4, 0.5]), np.array([0.5, 0.6])) == 1.0
+    assert mean_se([0.5]) == (0.5, 0.0) and mean_se([0.0, 1.0]) == (0.5, 0.5)
+    assert dense_baseline({"base": 1, "finetuned": 2}) == "finetuned" and dense_baseline({"base": 1}) == "base"
