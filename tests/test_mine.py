@@ -149,6 +149,31 @@ def test_bm25_candidates_find_lexical_matches(planted, minilm, minilm_path, tmp_
     assert q2["negative_ids"] and "easy3" not in q2["negative_ids"]
 
 
+def test_both_candidate_sources_are_merged_and_ranked_by_the_dense_score(tmp_path):
+    """candidates="both": the union of the embedder's and BM25's top `depth`, each query's ranked by the
+    embedder's score, so a lexical-only match joins the dense ones where its score puts it (numpy's argsort and
+    the "bm25" source alone are the oracle)."""
+    from embtune.mine import _ranked_candidates
+
+    rng = np.random.default_rng(0)
+    docs = [f"page {w}" for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
+    doc_emb = rng.normal(size=(8, 4)).astype(np.float32)
+    query_emb = rng.normal(size=(2, 4)).astype(np.float32)
+    texts = {"a": "zeta page", "b": "theta and beta"}
+
+    def ranked(source):
+        return _ranked_candidates(mine_config(tmp_path, candidates=source), ["a", "b"], texts, query_emb, docs,
+                                  doc_emb, 3)  # fmt: skip
+
+    dense, lexical, both = ranked("dense"), ranked("bm25"), ranked("both")
+    for i, q in enumerate(["a", "b"]):
+        scores = doc_emb @ query_emb[i]
+        assert dense[q] == list(np.argsort(-scores)[:3])
+        union = set(dense[q]) | set(lexical[q])
+        assert both[q] == sorted(union, key=lambda d: -scores[d]) and len(union) > 3, q
+    assert docs.index("page zeta") in both["a"] and docs.index("page theta") in both["b"]
+
+
 def test_reranker_vetoes_what_it_scores_above_the_threshold(planted, minilm, minilm_path, tmp_path):
     from sentence_transformers import CrossEncoder
 
@@ -223,8 +248,11 @@ def test_negatives_are_reused_only_when_mined_from_the_same_data_and_settings(pl
         return rows, capsys.readouterr().out
 
     first, _ = mined(planted, num_negatives=2)
-    again, said = mined(planted, num_negatives=2)
+    again, said = mined(planted, num_negatives=2, batch_size=3, reuse="error")  # the batch shapes nothing
     assert again == first and "mined from the same inputs and settings; reused" in said
+    with pytest.raises(StaleArtifact, match=r"\(changed: base_model\)"):  # another model mines other negatives
+        mine(minilm, str(planted.path), planted, dataclasses.replace(mine_config(run, num_negatives=2, reuse="error"),
+                                                                    data_dir=str(planted.path)))  # fmt: skip
     more, said = mined(planted, num_negatives=3)
     assert "(changed: num_negatives); rebuilding" in said and max(len(r["negative_ids"]) for r in more) == 3
     with pytest.raises(StaleArtifact, match=r"made from other inputs \(changed: range_max\)"):
