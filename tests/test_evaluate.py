@@ -231,3 +231,58 @@ def test_significance_is_a_paired_t_test_and_counts_ties():
     assert beats(np.array([0.4, 0.5]), np.array([0.5, 0.6])) == 1.0
     assert mean_se([0.5]) == (0.5, 0.0) and mean_se([0.0, 1.0]) == (0.5, 0.5)
     assert dense_baseline({"base": 1, "finetuned": 2}) == "finetuned" and dense_baseline({"base": 1}) == "base"
+
+
+def test_the_report_reads_line_by_line_as_specified():
+    """Every section of report.md from a hand-made metrics.json, against the text a reader should see."""
+    systems = {"base": {m: 0.5 for m in METRICS}, "finetuned": {m: 0.6 for m in METRICS},
+               "bm25": {m: 0.4 for m in METRICS}, "hybrid": {m: 0.55 for m in METRICS}}  # fmt: skip
+    sig = {"baseline": "base", "max_p": 0.05, "test": "student",
+           "finetuned": {"ndcg@10": {"significant": True}, "recall@100": {"significant": False}}}  # fmt: skip
+    result = {
+        "data_dir": "data/x", "split": "test", "n_queries": 1234, "n_docs": 56789, "instruction": None,
+        "models": {"base": "m/base", "finetuned": "run/model"}, "systems": systems, "significance": sig,
+        "queries_without_results": {"bm25": 3, "base": 0},
+        "fusion": {"finetuned+rerank fused": {"weight": 0.0, "dev_queries": 70, "dev_ndcg@10": 0.61234,
+                                              "why": "no gain"},
+                   "finetuned+tuned fused": {"weight": 0.7, "dev_queries": 70, "dev_ndcg@10": 0.7,
+                                             "why": "beats"}},
+        "general": {"file": "sts.tsv", "base": 80.123, "finetuned": 70.0, "warning": "lost 10 points"},
+        "matryoshka": {"tolerance": 0.02, "recommended_dim": 256, "bytes_per_vector": 1024, "million_docs": "1 GB"},
+        "instruction_ablation": {"finetuned": {"with_instruction": {"ndcg@10": 0.6},
+                                               "without_instruction": {"ndcg@10": 0.5}},
+                                 "base": {"with_instruction": {"ndcg@10": 0.1}, "without_instruction": {"ndcg@10": 0}}},
+        "wins_losses": {"finetuned vs base": {"wins": 5, "ties": 2, "losses": 1}},
+        "errors": [{"query": "a | b\nc", "gold": "gold doc", "gold_rank": None, "retrieved_instead": "other",
+                    "delta": -0.5}],
+    }  # fmt: skip
+
+    def row(name, value, first=""):
+        return f"| {name} | {value:.4f}{first} | " + " | ".join([f"{value:.4f}"] * 5) + " |"
+
+    expected = [
+        "# Retrieval evaluation: data/x", "",
+        "Split `test`: 1,234 queries, 56,789 documents. Instruction: the model’s own query prompt.", "",
+        "- `base`: m/base", "- `finetuned`: run/model", "",
+        "| system | ndcg@10 | mrr@10 | map@10 | recall@10 | recall@100 | precision@1 |",
+        "|---|---|---|---|---|---|---|",
+        row("base", 0.5), row("finetuned", 0.6, "†"), row("bm25", 0.4),
+        row('<span style="color:red">hybrid (worse than dense: not recommended)</span>', 0.55), "",
+        "† differs from `base` at p < 0.05 (student paired test). Systems below `finetuned`, the dense system this "
+        "run ships, are marked in red.", "",
+        "Queries a system retrieved nothing for (scored 0): bm25 3.", "",
+        "`finetuned+rerank fused`: the reranker's weight in the fused score, chosen on 70 dev queries: the reranker "
+        "does not help here (dev NDCG@10 0.6123; no gain).", "",
+        "`finetuned+tuned fused`: the reranker's weight in the fused score, chosen on 70 dev queries: weight 0.7 (dev "
+        "NDCG@10 0.7000; beats).", "",
+        "## General skill kept", "", "Spearman x100 on `sts.tsv`: base 80.12, finetuned 70.00.", "",
+        '<span style="color:red">lost 10 points</span>', "",
+        "## Matryoshka", "", "Smallest dimension within 2% of the full NDCG@10: **256** (1,024 bytes a vector in "
+        "float32; 1 GB for a million documents).", "",
+        "## Instruction ablation (NDCG@10)", "", "| system | with instruction | without | change |",
+        "|---|---|---|---|", "| finetuned | 0.6000 | 0.5000 | +20.0% |", "| base | 0.1000 | 0.0000 | n/a |", "",
+        "## Per-query NDCG@10: finetuned vs base", "", "5 wins, 2 ties, 1 losses.", "",
+        "### Biggest losses", "", "| query | gold document (its rank) | retrieved first instead | change |",
+        "|---|---|---|---|", "| a \\| b c | gold doc (>100) | other | -0.500 |",
+    ]  # fmt: skip
+    assert report_markdown(result).split("\n") == [*expected, ""]

@@ -76,11 +76,14 @@ def test_the_fixed_texts_cover_short_medium_truncated_and_other_scripts(tiny):
 
 def test_the_hypotheses_of_a_last_token_model_with_a_query_prompt(tiny):
     prompt = tiny.prompts["query"]
-    found = hypotheses(tiny, prompt)
-    assert list(found) == ["instruction missing", "query prompt on every text", "pooling: mean",
-                           "pooling: first token", "padding side: right, last position read", "end token missing",
-                           f"truncation: at {tiny.max_seq_length // 2} tokens", "truncation: none",
-                           "truncation: after the end token was added, cutting it"]  # fmt: skip
+    half = tiny.max_seq_length // 2
+    assert hypotheses(tiny, prompt) == {
+        "instruction missing": {"drop_prompt": True}, "query prompt on every text": {"prompt_everywhere": True},
+        "pooling: mean": {"pooling": "mean"}, "pooling: first token": {"pooling": "cls"},
+        "padding side: right, last position read": {"right_padding": True}, "end token missing": {"end_token": False},
+        f"truncation: at {half} tokens": {"max_length": half}, "truncation: none": {"max_length": None},
+        "truncation: after the end token was added, cutting it": {"cut_after_end": True}}  # fmt: skip
+    assert isinstance(half, int)
     assert "instruction missing" not in hypotheses(tiny, "")
     assert serving.pooling_mode(tiny) == "lasttoken" and serving.llama_pooling(tiny) == "last"
 
