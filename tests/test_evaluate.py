@@ -286,3 +286,28 @@ def test_the_report_reads_line_by_line_as_specified():
         "|---|---|---|---|", "| a \\| b c | gold doc (>100) | other | -0.500 |",
     ]  # fmt: skip
     assert report_markdown(result).split("\n") == [*expected, ""]
+
+
+def test_judged_coverage_and_condensed_lists_by_hand():
+    """q1's grades: d1 relevant, d2 judged not relevant; q2's: d3 relevant, d4 not. System A ranks judged documents
+    only; system B puts two unjudged documents first: unjudged = not relevant sinks it, the condensed list (its
+    judged documents in its order) does not. With grade-0 judgements (pooled), B's 20 % judged gets a warning;
+    with positives only (sparse, BEIR-style), nobody does."""
+    from embtune.evaluate import judged_coverage
+
+    judgements = {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 1, "d4": 0}}
+    qrels = {"q1": {"d1": 1}, "q2": {"d3": 1}}
+    runs = {"A": {"q1": {"d1": 0.9, "d2": 0.8}, "q2": {"d4": 0.9, "d3": 0.8}},
+            "B": {"q1": {"x": 0.9, "y": 0.8, "d1": 0.7}, "q2": {"x": 0.9, "d3": 0.8, "z": 0.1}}}  # fmt: skip
+    got = judged_coverage(judgements, qrels, runs)
+    assert got["A"]["judged@10"] == 0.2 and got["B"]["judged@10"] == 0.1  # 2 of 10 per query; 1 of 10
+    assert got["A"]["ndcg@10 judged only"] == pytest.approx((1 + 1 / np.log2(3)) / 2, abs=1e-6)
+    assert got["B"]["ndcg@10 judged only"] == 1.0  # d1 and d3 first once x, y, z are dropped
+    assert score(qrels, runs["B"], ["ndcg@10"])["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(3)) / 2, abs=1e-6)
+    assert got["B"]["warning"].startswith("B: only 10% of its top 10 is judged") and "warning" in got["A"]
+    sparse = judged_coverage(qrels, qrels, runs)
+    assert not any("warning" in row for row in sparse.values()) and sparse["B"]["judged@10"] == 0.1
+    report = report_markdown({"data_dir": "d", "split": "test", "n_queries": 2, "n_docs": 9, "instruction": None,
+                              "systems": {"base": score(qrels, runs["A"]), "finetuned": score(qrels, runs["B"])},
+                              "judged": {"base": got["A"], "finetuned": got["B"]}})  # fmt: skip
+    assert "| finetuned | 10% | 0.5655 | 1.0000 |" in report and '<span style="color:red">B: only 10%' in report

@@ -123,6 +123,12 @@ class TestTinyRun:
         # Chinese BM25 (character bigrams) finds the documents a random tiny embedder cannot
         assert metrics["systems"]["bm25"]["ndcg@10"] > 0.3 > metrics["systems"]["base"]["ndcg@10"]
         assert metrics["queries_without_results"]["bm25"] < 5
+        # positives-only labels (BEIR-style): the coverage is reported, and no system is warned about
+        judged = metrics["judged"]
+        assert set(judged) == {"base", "finetuned", "bm25", "hybrid", "hybrid_wsum", "finetuned+rerank",
+                               "finetuned+rerank fused"}  # fmt: skip
+        assert all(0 < r["judged@10"] <= 1 and "warning" not in r for r in judged.values())
+        assert judged["bm25"]["ndcg@10 judged only"] >= metrics["systems"]["bm25"]["ndcg@10"]
         for values in metrics["systems"].values():
             assert set(values) == set(METRICS) and all(0 <= v <= 1 for v in values.values())
             assert values["recall@100"] >= values["recall@10"] >= values["recall@1"]
@@ -133,6 +139,7 @@ class TestTinyRun:
         assert all({"query", "gold", "retrieved_instead"} <= set(e) for e in metrics["errors"])
         report = (run / "report.md").read_text()
         for words in ("| finetuned |", "Instruction ablation", "120 queries", "General skill kept", "Matryoshka",
+                      "Judged documents",
                       "Biggest losses", "retrieved first instead", "the reranker's weight in the fused score",
                       "finetuned+tuned_rerank"):  # fmt: skip
             assert words in report, words

@@ -207,6 +207,34 @@ def per_query(qrels: dict, run: dict, metric: str = "ndcg@10") -> dict[str, floa
     return dict(zip(sorted(qrels), map(float, values), strict=True)) if len(qrels) else {}
 
 
+# Pooled judgements (grades 0 included) that leave a system's top 10 less judged than this do not measure it yet.
+MIN_JUDGED = 0.5
+
+
+def judged_coverage(judgements: dict[str, dict[str, int]], qrels: dict, runs: dict[str, dict], k: int = 10) -> dict:
+    """How far partial judgements measure each system: the share of its top k that was judged (relevant or not),
+    and its NDCG@10 on the judged documents only (the "condensed list" of Sakai 2007, which ranks what was judged
+    and drops the rest) beside the usual score, which counts unjudged documents as not relevant. `judgements` are
+    every grade of the split (0 included), `qrels` its relevant ones (the evaluated queries). When the split holds
+    grade-0 judgements (pooled ones, not only positives), a system below MIN_JUDGED gets a warning."""
+    pooled = any(s <= 0 for q in qrels for s in judgements.get(q, {}).values())
+    out = {}
+    for name, run in runs.items():
+        shares, condensed = [], {}
+        for q in qrels:
+            ranked, seen = run.get(q, {}), judgements.get(q, {})
+            top = sorted(ranked, key=ranked.get, reverse=True)[:k]
+            shares.append(sum(d in seen for d in top) / k)
+            condensed[q] = {d: v for d, v in ranked.items() if d in seen}
+        share = round(float(np.mean(shares)), 4) if shares else 0.0
+        out[name] = {f"judged@{k}": share, "ndcg@10 judged only": score(qrels, condensed, ["ndcg@10"])["ndcg@10"]}
+        if pooled and share < MIN_JUDGED:
+            out[name]["warning"] = (f"{name}: only {share:.0%} of its top {k} is judged, so its NDCG@10 counts most "
+                                    "of what it retrieves as not relevant: judge its new documents (add their grades "
+                                    "to the split's qrels) before comparing it")  # fmt: skip
+    return out
+
+
 def significance(qrels: dict, runs: dict[str, dict], baseline: str = "base", metrics: list[str] = HEADLINE,
                  test: str = "student", max_p: float = 0.05) -> dict:  # fmt: skip
     """Paired test of each system against `baseline` over the same queries (ranx: "student" is the paired
@@ -367,7 +395,8 @@ def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, 
                    **parts) -> dict:  # fmt: skip
     """The run's `metrics.json`: what was scored, on what, and the numbers. `parts` adds the optional sections:
     "fusion" (two-stage weights chosen on dev), "general" (general skill kept), "errors" (the biggest losses with
-    their documents), "matryoshka" (notebook 04's recommendation), "tasks" (classification, clustering, STS)."""
+    their documents), "matryoshka" (notebook 04's recommendation), "tasks" (classification, clustering, STS),
+    "judged" (how far the judgements measure each system)."""
     record = {
         "split": split,
         "n_queries": n_queries,
@@ -513,6 +542,14 @@ def report_markdown(result: dict) -> str:
         lines += ["", "## Matryoshka", "", f"Smallest dimension within {mrl['tolerance']:.0%} of the full NDCG@10: "
                   f"**{mrl['recommended_dim']}** ({mrl['bytes_per_vector']:,} bytes a vector in float32; "
                   f"{mrl['million_docs']} for a million documents)."]  # fmt: skip
+    if result.get("judged"):
+        lines += ["", "## Judged documents", "", "| system | judged@10 | NDCG@10 | NDCG@10 on judged only |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for name, row in result["judged"].items():
+            lines.append(f"| {name} | {row['judged@10']:.0%} | {result['systems'][name]['ndcg@10']:.4f} | "
+                         f"{row['ndcg@10 judged only']:.4f} |")  # fmt: skip
+        lines += [f'\n<span style="color:red">{row["warning"]}</span>' for row in result["judged"].values()
+                  if row.get("warning")]  # fmt: skip
     if result.get("instruction_ablation"):
         lines += ["", "## Instruction ablation (NDCG@10)", "",
                   "| system | with instruction | without | change |", "|---|---|---|---|"]  # fmt: skip
