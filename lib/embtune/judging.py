@@ -1,0 +1,159 @@
+"""Judging a pool of real queries: the IR field's pooling (TREC builds its qrels this way), for corpora without
+relevance labels. Each query's pool is the union of the top results of several systems, shown in an order that
+says nothing of which system found what; a person (notebook buttons) or an LLM grades each pair 0-3 (UMBRELA's
+scale); the grades become `qrels/dev.tsv` and `qrels/test.tsv`.
+
+Every act is one line appended to a journal and flushed at once, so a kill loses at most the pair on screen and
+judging resumes where it stopped, also after new systems (a fine-tuned model) add documents to the pools:
+
+    query-id <TAB> corpus-id <TAB> grade (0-3, "skip" or "undo") <TAB> judge <TAB> unix time
+
+"undo" cancels the judge's latest act still standing; the journal itself is the record of who judged what.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+GRADES = {0: "not relevant", 1: "related, does not answer", 2: "answers in part", 3: "answers fully"}
+HEADER = "query-id\tcorpus-id\tgrade\tjudge\ttime\n"
+
+
+def pool(runs: dict[str, dict[str, dict[str, float]]], query_ids: list[str], k: int = 10,
+         seed: int = 0) -> list[tuple[str, str]]:  # fmt: skip
+    """(query, document) pairs to judge, query by query in the order given: the union of each run's top k, in an
+    order drawn from the query alone (the same on every resume, and blind to the systems)."""
+    pairs = []
+    for q in query_ids:
+        found = set()
+        for run in runs.values():
+            ranked = run.get(q, {})
+            found.update(sorted(ranked, key=ranked.get, reverse=True)[:k])
+        docs = sorted(found)
+        random.Random(f"{seed}:{q}").shuffle(docs)
+        pairs += [(q, d) for d in docs]
+    return pairs
+
+
+class Journal:
+    """The grades of one judging effort, read from and appended to `path` (see the module's docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.acts: list[tuple[str, str, str, str]] = []  # (query, document, grade, judge)
+        self._tail_checked = False
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines[0] + "\n" != HEADER:
+            raise ValueError(f"{self.path}:1: not a judging journal (expected the header {HEADER.strip()!r}); "
+                             "pass another file, or move this one away")  # fmt: skip
+        # a line without its newline is the one a kill interrupted while writing it: not an act
+        for number, line in enumerate(lines[1:-1], start=2):
+            fields = line.split("\t")
+            if len(fields) != 5 or fields[2] not in {*map(str, GRADES), "skip", "undo"}:
+                raise ValueError(f"{self.path}:{number}: {line!r} is not query-id, corpus-id, grade (0-3, skip or "
+                                 "undo), judge and time separated by tabs; fix or delete that line")  # fmt: skip
+            self.acts.append((fields[0], fields[1], fields[2], fields[3]))
+
+    def _append(self, q: str, d: str, grade: str, judge: str) -> None:
+        for field in (q, d, judge):
+            if "\t" in field or "\n" in field:
+                raise ValueError(f"{field!r}: ids and judge names cannot hold tabs or line breaks")
+        new = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not new and not self._tail_checked:  # drop a line a kill left half-written, so it joins no act
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self._tail_checked = True
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write((HEADER if new else "") + f"{q}\t{d}\t{grade}\t{judge}\t{time.time():.0f}\n")
+            f.flush()
+        self.acts.append((q, d, grade, judge))
+
+    def grade(self, q: str, d: str, grade: int, judge: str = "person") -> None:
+        if grade not in GRADES:
+            raise ValueError(f"grade {grade!r}: one of {', '.join(map(str, GRADES))} ({GRADES})")
+        self._append(q, d, str(grade), judge)
+
+    def skip(self, q: str, d: str, judge: str = "person") -> None:
+        self._append(q, d, "skip", judge)
+
+    def undo(self, judge: str = "person") -> tuple[str, str] | None:
+        """Cancel `judge`'s latest standing act; returns its pair (to show again), None when there is none."""
+        standing = self._standing(judge)
+        if not standing:
+            return None
+        q, d, _ = standing[-1]
+        self._append(q, d, "undo", judge)
+        return q, d
+
+    def _standing(self, judge: str) -> list[tuple[str, str, str]]:
+        acts = []
+        for q, d, grade, who in self.acts:
+            if who != judge:
+                continue
+            if grade == "undo":
+                acts.pop()
+            else:
+                acts.append((q, d, grade))
+        return acts
+
+    def grades(self, judge: str = "person") -> dict[tuple[str, str], int]:
+        """{(query, document): grade} of one judge, the latest grade of a pair standing; skips left out."""
+        return {(q, d): int(g) for q, d, g in self._standing(judge) if g != "skip"}
+
+    def judges(self) -> list[str]:
+        return sorted({who for *_, who in self.acts})
+
+    def seen(self, judge: str = "person") -> set[tuple[str, str]]:
+        """Pairs the judge graded or skipped."""
+        return {(q, d) for q, d, _ in self._standing(judge)}
+
+
+def next_pair(pairs: list[tuple[str, str]], journal: Journal, judge: str = "person") -> tuple[str, str] | None:
+    """The first pair of the pool the judge has neither graded nor skipped; None when the pool is done."""
+    seen = journal.seen(judge)
+    return next((p for p in pairs if p not in seen), None)
+
+
+def to_qrels(grades: dict[tuple[str, str], int], dev_share: float = 0.5, seed: int = 42) -> dict[str, dict]:
+    """{"dev": qrels, "test": qrels} in BEIR's form ({query: {document: grade}}, grade 0 kept: a judged non-relevant
+    document), the queries split by a seeded draw (a query's grades all go to one split). A query none of whose
+    documents is relevant stays out: it cannot score."""
+    by_query: dict[str, dict[str, int]] = {}
+    for (q, d), g in grades.items():
+        by_query.setdefault(q, {})[d] = g
+    queries = sorted(q for q, docs in by_query.items() if any(g > 0 for g in docs.values()))
+    random.Random(seed).shuffle(queries)
+    n_dev = round(dev_share * len(queries))
+    return {"dev": {q: by_query[q] for q in sorted(queries[:n_dev])},
+            "test": {q: by_query[q] for q in sorted(queries[n_dev:])}}  # fmt: skip
+
+
+def write_qrels(folder: str | Path, qrels: dict[str, dict[str, int]]) -> Path:
+    """One BEIR qrels TSV (header, then query-id, corpus-id, score), written whole or not at all."""
+    from .files import write_text
+
+    rows = [f"{q}\t{d}\t{g}" for q, docs in qrels.items() for d, g in sorted(docs.items())]
+    return write_text(folder, "query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in rows))
+
+
+def agreement(a: dict[tuple[str, str], int], b: dict[tuple[str, str], int]) -> dict:
+    """How two judges (a person and an LLM, say) agree on the pairs both graded: Cohen's kappa with linear weights
+    (a 3 against a 2 disagrees less than a 3 against a 0) and the confusion table (rows: a, columns: b)."""
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return {"pairs": len(common), "kappa": None, "confusion": None}
+    x, y = [a[p] for p in common], [b[p] for p in common]
+    labels = sorted(GRADES)
+    kappa = cohen_kappa_score(x, y, labels=labels, weights="linear")
+    return {"pairs": len(common), "kappa": round(float(kappa), 4),
+            "confusion": confusion_matrix(x, y, labels=labels).tolist()}  # fmt: skip
