@@ -1,11 +1,26 @@
 """Judging a pool (embtune.judging): the pool, the journal a kill cannot corrupt, resuming, undo and skip, the
-qrels it becomes, and the agreement of two judges against Cohen's formula written out. No browser: the notebook's
-buttons call exactly these."""
+qrels it becomes, the agreement of two judges against Cohen's formula written out, and the LLM judge against a real
+loopback HTTP server (grades, a refusal, prose, a timeout). No browser: the notebook's buttons call these."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from embtune.judging import Journal, agreement, next_pair, pool, to_qrels, write_qrels
+from embtune.judging import (
+    UMBRELA_PROMPT,
+    Journal,
+    agreement,
+    llm_judge,
+    next_pair,
+    parse_grade,
+    pool,
+    to_qrels,
+    write_qrels,
+)
 
 RUNS = {"dense": {"q1": {"a": 0.9, "b": 0.8, "c": 0.1}, "q2": {"d": 0.9, "e": 0.5}},
         "bm25": {"q1": {"b": 3.0, "x": 2.0}, "q2": {"e": 1.0, "f": 0.5}}}  # fmt: skip
@@ -120,3 +135,69 @@ def test_agreement_is_cohen_s_linearly_weighted_kappa():
     assert got["confusion"] == observed.astype(int).tolist()
     only = agreement({("q", "0"): 1}, {("q", "1"): 1})
     assert only == {"pairs": 0, "kappa": None, "confusion": None}
+
+
+# ---------------------------------------------------------------------------------------------------- the LLM judge
+
+PASSAGES = {"answer": "The Eiffel Tower was completed in 1889.", "related": "Paris has many towers and bridges.",
+            "refused": "A passage the model refuses to grade.", "garbage": "A passage the model answers in prose.",
+            "slow": "A passage whose request never returns in time."}  # fmt: skip
+
+
+class UmbrelaLike(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions that answers UMBRELA's prompt by the passage it holds."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+        passage = prompt.split("Passage: ", 1)[1].split("\n", 1)[0]
+        key = next(k for k, v in PASSAGES.items() if v == passage)
+        if key == "slow":
+            time.sleep(1.5)
+        content = {"answer": "<think>it says 1889</think>##final score: 3", "related": "M: 1, T: 2\n##Final Score: 1",
+                   "refused": "I'm sorry, I can't help with that.", "garbage": "The score is three out of three.",
+                   "slow": "##final score: 2"}[key]  # fmt: skip
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def umbrela_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), UmbrelaLike)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_umbrela_replies_are_parsed_strictly():
+    assert parse_grade("##final score: 2") == 2 and parse_grade("<think>##final score: 0</think>##final score: 3") == 3
+    assert parse_grade("M: 2\nT: 1\n## Final Score : 1") == 1
+    for reply in ("3", "Score: 3", "##final score: 4", "##final score: 1 ##final score: 2", "I cannot judge this.",
+                  "<think>##final score: 2", ""):  # fmt: skip
+        assert parse_grade(reply) is None, reply
+    assert "Query: when?\nPassage: it was so" in UMBRELA_PROMPT.format(query="when?", passage="it was so")
+
+
+def test_the_llm_judge_grades_counts_what_it_cannot_parse_and_resumes_after_a_timeout(umbrela_server, tmp_path):
+    from embtune.generators import Endpoint, GeneratorError
+
+    queries = {"q1": "When was the Eiffel Tower completed?"}
+    pairs = [("q1", d) for d in PASSAGES]
+    journal = Journal(tmp_path / "grades.tsv")
+    endpoint = Endpoint(umbrela_server, "judge", timeout=0.5, max_retries=0, concurrency=2)
+    with pytest.raises(GeneratorError, match="1 judging requests failed .* the 2 grades that arrived are saved"):
+        llm_judge(endpoint, pairs, queries, PASSAGES, journal, "llm:judge", batch=5)
+    assert Journal(journal.path).grades("llm:judge") == {("q1", "answer"): 3, ("q1", "related"): 1}
+    assert Journal(journal.path).grades("person") == {}  # the LLM's grades are its own
+    # the rerun asks only what is still open; the refusal and the prose are counted, never graded
+    endpoint.timeout = 5.0
+    stats = llm_judge(endpoint, pairs, queries, PASSAGES, journal, "llm:judge", batch=2)
+    assert (stats["asked"], stats["graded"], stats["unparsed"]) == (3, 1, 2)
+    assert stats["examples"] == ["I'm sorry, I can't help with that.", "The score is three out of three."]
+    assert journal.grades("llm:judge") == {("q1", "answer"): 3, ("q1", "related"): 1, ("q1", "slow"): 2}

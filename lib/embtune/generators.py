@@ -80,11 +80,11 @@ def judge_prompt(query: str, document: str, max_doc_chars: int = 4000) -> str:
 
 
 def parse_score(reply: str) -> int | None:
-    match = re.search(r"[1-5]", _strip_thinking(reply))
+    match = re.search(r"[1-5]", strip_thinking(reply))
     return int(match.group()) if match else None
 
 
-def _strip_thinking(reply: str) -> str:
+def strip_thinking(reply: str) -> str:
     """The reply without reasoning: closed <think> blocks, and an unclosed one (cut off by the token limit) to
     the end."""
     return re.sub(r"<think>.*?(</think>|$)", "", reply or "", flags=re.S).strip()
@@ -95,7 +95,7 @@ def parse_queries(reply: str) -> list[str]:
     a code fence or prose or not, and the complete queries of JSON cut off by the token limit. Anything else
     (prose, an error page, reasoning only) gives none: a reply that did not follow the instructions is not
     trusted to hold a query."""
-    text = _strip_thinking(reply)
+    text = strip_thinking(reply)
     decoder = json.JSONDecoder()
     for match in re.finditer(r"[\[{]", text):
         try:

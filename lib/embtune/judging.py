@@ -14,6 +14,7 @@ judging resumes where it stopped, also after new systems (a fine-tuned model) ad
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 
@@ -157,3 +158,71 @@ def agreement(a: dict[tuple[str, str], int], b: dict[tuple[str, str], int]) -> d
     kappa = cohen_kappa_score(x, y, labels=labels, weights="linear")
     return {"pairs": len(common), "kappa": round(float(kappa), 4),
             "confusion": confusion_matrix(x, y, labels=labels).tolist()}  # fmt: skip
+
+
+# UMBRELA's zero-shot prompt (Upadhyay, Pradeep, Thakur, Craswell, Lin 2024, "UMBRELA: UMbrela is the
+# (Open-Source Reproduction of the) Bing RELevance Assessor", arXiv:2406.06519; castorini/umbrela), itself
+# Thomas et al.'s Bing prompt (2023): the judge of the TREC 2024 RAG track, whose grades reproduce the system
+# rankings of human assessors. Used as published, so that its measured agreement carries over.
+UMBRELA_PROMPT = (
+    "Given a query and a passage, you must provide a score on an integer scale of 0 to 3 with the following "
+    "meanings:\n"
+    "0 = represent that the passage has nothing to do with the query, \n"
+    "1 = represents that the passage seems related to the query but does not answer it, \n"
+    "2 = represents that the passage has some answer for the query, but the answer may be a bit unclear, or hidden "
+    "amongst extraneous information and \n"
+    "3 = represents that the passage is dedicated to the query and contains the exact answer.\n\n"
+    "Important Instruction: Assign category 1 if the passage is somewhat related to the topic but not completely, "
+    "category 2 if passage presents something very important related to the entire topic but also has some extra "
+    "information and category 3 if the passage only and entirely refers to the topic. If none of the above "
+    "satisfies give it category 0.\n\n"
+    "Query: {query}\nPassage: {passage}\n\n"
+    "Split this problem into steps:\n"
+    "Consider the underlying intent of the search.\n"
+    "Measure how well the content matches a likely intent of the query (M).\n"
+    "Measure how trustworthy the passage is (T).\n"
+    "Consider the aspects above and the relative importance of each, and decide on a final score (O). Final score "
+    "must be an integer value only.\n"
+    "Do not provide any code in result. Provide each score in the format of: ##final score: score without "
+    "providing any reasoning."
+)
+
+
+def parse_grade(reply: str) -> int | None:
+    """The grade of a reply in UMBRELA's format (`##final score: 2`), reasoning aside; None for anything else: a
+    refusal, prose, several different final scores, a number out of the scale."""
+    from .generators import strip_thinking
+
+    found = set(re.findall(r"##\s*final score\s*:\s*(\d+)\b", strip_thinking(reply), flags=re.I))
+    return int(found.pop()) if len(found) == 1 and int(next(iter(found))) in GRADES else None
+
+
+def llm_judge(generator, pairs: list[tuple[str, str]], queries: dict[str, str], docs: dict[str, str],
+              journal: Journal, judge: str, batch: int = 32, max_chars: int = 4000) -> dict:  # fmt: skip
+    """Grade with an LLM (notebook 01's generators: an OpenAI-compatible endpoint or a model in process) the pairs
+    `judge` has not graded. Each batch is journaled as it arrives; a reply that is not a grade is counted and left
+    unjudged (a rerun asks again); a request that failed after its retries stops the run once the replies that
+    arrived are saved (GeneratorError: rerun to resume). Returns the counts and a few unparsed replies."""
+    from .generators import GeneratorError
+
+    todo = [p for p in pairs if p not in journal.seen(judge)]
+    stats = {"asked": len(todo), "graded": 0, "unparsed": 0, "examples": []}
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        prompts = [UMBRELA_PROMPT.format(query=queries[q], passage=docs[d][:max_chars]) for q, d in chunk]
+        replies = generator.generate(prompts)
+        failed = [r for r in replies if isinstance(r, GeneratorError)]
+        for (q, d), reply in zip(chunk, replies, strict=True):
+            if isinstance(reply, GeneratorError):
+                continue
+            grade = parse_grade(reply)
+            if grade is None:
+                stats["unparsed"] += 1
+                stats["examples"] = (stats["examples"] + [reply[:200]])[:5]
+            else:
+                journal.grade(q, d, grade, judge)
+                stats["graded"] += 1
+        if failed:
+            raise GeneratorError(f"{len(failed)} judging requests failed ({failed[0]}); the {stats['graded']} "
+                                 "grades that arrived are saved: rerun to resume")  # fmt: skip
+    return stats
