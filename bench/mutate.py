@@ -60,15 +60,6 @@ JUDGED = {
 }  # fmt: skip
 
 
-# Modules whose fast tests do not yet fit "within minutes", and why.
-NOT_RUN = {
-    "serving": "each check reads the trained model through plain sentence-transformers in a process of its own (the "
-               "independent reference), so every test that reaches a mutant starts one: about 10 s a mutant, 1,223 "
-               "mutants, 3 hours on two cores (measured on 2026-12-06 over the first 119); it needs in-process tests "
-               "of its pure parts (_cause, _top_k_agreement, hypotheses, served_pair) before it runs here",
-}  # fmt: skip
-
-
 def scratch(module: str) -> Path:
     """build/mutate/<module>/: links to lib/ (as src/), tests/, data_samples/, bench/ and a pyproject.toml with
     mutmut's settings."""
@@ -130,8 +121,7 @@ def section(results: dict) -> str:
             "unit tests; score = killed / (killed + survived), mutants no selected test reaches counted apart. "
             "In `build/mutate/<module>/`, `mutmut show <name>` prints a survivor.\n\n"
             + markdown_table(rows, list(rows[0]))
-            + "".join(f"\n\n{m}: {JUDGED[m]}." for m in sorted(results) if m in JUDGED)
-            + "".join(f"\n\n{m}: not run: {why}." for m, why in NOT_RUN.items() if m not in results))  # fmt: skip
+            + "".join(f"\n\n{m}: {JUDGED[m]}." for m in sorted(results) if m in JUDGED))  # fmt: skip
 
 
 def main():

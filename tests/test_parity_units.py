@@ -56,7 +56,8 @@ def test_the_report_table_has_a_row_per_check_with_its_numbers():
                    identical=0.5, cause="scores differ"),
             Parity("http://x", "embedder", "float", 0.999, 24, 40, error="unreachable")]  # fmt: skip
     lines = table(rows).splitlines()
-    assert lines[0].startswith("| target | precision | min cos |") and len(lines) == 5
+    assert lines[:2] == ["| target | precision | min cos | median cos | max abs diff | min spearman | identical top-k "
+                         "| passed | cause |", "|---|---|---|---|---|---|---|---|---|"] and len(lines) == 5  # fmt: skip
     assert lines[2] == "| onnx | float | 0.99999 | 1.00000 |  |  | 100% | yes |  |"
     assert lines[3] == "| model-f16.gguf | int8 |  |  | 0.0123 | 0.9877 | 50% | no | scores differ |"
     assert lines[4].endswith("| 0% | no | unreachable |")
@@ -115,6 +116,18 @@ def test_each_re_encoding_changes_its_one_thing_and_nothing_else(tiny):
 
 
 def test_the_small_helpers():
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    for mode, flag in (("lasttoken", "last"), ("mean", "mean"), ("cls", "cls"), ("max", "mean")):
+        assert serving.llama_pooling([Pooling(8, mode)]) == flag, mode  # llama-server has no max: its default
+    assert serving.llama_pooling([]) == "mean" and serving.pooling_mode([]) is None
+
+    def served(texts):
+        return texts
+
+    assert serving._name(served) == "served" and serving._name(lambda t: t) == "<lambda>"
+    assert serving._is_url("https://h/v1") and serving._is_url("http://h") and not serving._is_url("h/v1")
+    assert not serving._is_url(served)
     assert serving._guess_precision("export/onnx-int8") == "int8" and serving._guess_precision("m-Q8_0.gguf") == "int8"
     assert serving._guess_precision("export/onnx") == "float" and serving._guess_precision("model-f16.gguf") == "float"
     assert serving._name("http://h:1/v1") == "http://h:1/v1" and serving._name("/a/b/m-f16.gguf") == "m-f16.gguf"
