@@ -46,8 +46,9 @@ def tiny_run(tiny_models, tmp_path_factory):
     tiny_embedding, tiny_reranker = tiny_models
     run = tmp_path_factory.mktemp("tiny") / "run"
     args = ["--data", str(SAMPLES / "manpages_zh"), "--model", str(tiny_embedding), "--run", str(run)]
+    # the costly parts a tiny model does not need at full size: dev corpus, reranked depth, reranker's reading
     result = run_all(*args, "--reranker", str(tiny_reranker), "--param", "rerank_top_k=5",
-                     "--param", "rerank_max_length=256")
+                     "--param", "rerank_max_length=256", "--param", "eval_corpus_size=200")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -269,7 +270,8 @@ def test_run_all_without_labels_trains_on_synthetic_queries(tmp_path, tiny_embed
     assert beyond.returncode == 2 and beyond.stderr.strip().splitlines() == [
         "error: --until 9: no notebook has that number (01, 02, 03, 04, 05, 06, 07)"]  # fmt: skip
     # a random tiny model cannot judge relevance: the embedding filters are off here (tested with MiniLM)
-    filters = ["--param", "min_cosine=None", "--param", "round_trip_k=None", "--param", "max_documents=150"]
+    filters = ["--param", "min_cosine=None", "--param", "round_trip_k=None", "--param", "max_documents=150",
+               "--param", "eval_corpus_size=200"]
     result = run_all(*args, "--generator", "ict", "--until", "5", *filters)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== 06_reranker.ipynb: skipped (after UNTIL=5)\n== 07_export.ipynb: skipped (after UNTIL=5)" in result.stdout
