@@ -261,3 +261,34 @@ def test_negatives_are_reused_only_when_mined_from_the_same_data_and_settings(pl
     (other / "queries.jsonl").write_text((other / "queries.jsonl").read_text().replace("Eiffel", "Paris"))
     _, said = mined(load_beir(other, limits="off"), num_negatives=3)
     assert "(changed: data); rebuilding" in said
+
+
+def test_the_absolute_ceiling_random_sampling_and_the_counts_of_each_filter(planted, minilm, minilm_path, tmp_path):
+    """max_score drops what scores above it; sampling="random" draws from the whole window, still reported in
+    score order; the stats add up, pair by pair, against the plain sentence-transformers scores."""
+    from sentence_transformers import SentenceTransformer
+
+    plain = SentenceTransformer(minilm_path, device="cpu")
+    texts = planted.doc_texts()
+    settings = dict(num_negatives=2, relative_margin=None, near_duplicate=None, range_max=6)
+    top, stats = mine(minilm, minilm_path, planted, mine_config(tmp_path / "top", **settings))
+    q1 = next(r for r in top if r["query_id"] == "q1" and r["positive_id"] == "pos")
+    ceiling = (q1["negative_scores"][0] + q1["negative_scores"][1]) / 2  # between the two best negatives
+    capped, capped_stats = mine(minilm, minilm_path, planted, mine_config(tmp_path / "cap", max_score=ceiling,
+                                                                          **settings))  # fmt: skip
+    c1 = next(r for r in capped if r["query_id"] == "q1" and r["positive_id"] == "pos")
+    assert q1["negative_ids"][0] not in c1["negative_ids"] and max(c1["negative_scores"]) <= ceiling
+    assert capped_stats["removed"]["max_score"] >= 1 and stats["removed"]["max_score"] == 0
+    query = plain.encode(["When was the Eiffel Tower completed?"], normalize_embeddings=True)[0]
+    doc = plain.encode([texts[c1["negative_ids"][0]]], normalize_embeddings=True)[0]
+    assert float(query @ doc) == pytest.approx(c1["negative_scores"][0], abs=1e-4)  # the score is the cosine
+    draws = {tuple(r["negative_ids"]) for seed in range(6)
+             for r in mine(minilm, minilm_path, planted, mine_config(tmp_path / f"r{seed}", sampling="random",
+                                                                      seed=seed, **settings))[0]
+             if r["query_id"] == "q1" and r["positive_id"] == "pos"}  # fmt: skip
+    assert len(draws) > 1 and any(set(d) != set(q1["negative_ids"]) for d in draws)
+    assert (stats["queries"], stats["pairs"]) == (3, 4)  # q1 twice (two positives), q2, q3
+    assert stats["kept"] == sum(len(r["negative_ids"]) for r in top) and stats["unsupervised_pairs"] == 0
+    assert stats["pairs_with_fewer_negatives"] == sum(len(r["negative_ids"]) < 2 for r in top)
+    assert stats["candidates_seen"] == stats["passed_filters"] + sum(stats["removed"].values())
+    assert all(r["positive"] == texts[r["positive_id"]] and r["query"] for r in top)
