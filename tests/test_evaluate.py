@@ -230,6 +230,11 @@ def test_significance_is_a_paired_t_test_and_counts_ties():
     assert beats(np.array([0.5, 0.6]), np.array([0.5, 0.6])) == 1.0
     assert beats(np.array([0.4, 0.5]), np.array([0.5, 0.6])) == 1.0
     assert mean_se([0.5]) == (0.5, 0.0) and mean_se([0.0, 1.0]) == (0.5, 0.5)
+    # the biggest loss, q11: its gold document retrieved at rank 4, x first instead
+    docs = {d: d.upper() for d in ("x", "y", "z", *(f"d{i}" for i in range(12)))}
+    [loss] = error_examples(table, qrels, tuned, docs, n=1)
+    assert loss == {"query": "q11", "gold": "D11", "retrieved_instead": "X", "gold_rank": 4,
+                    "delta": round(a["q11"] - b["q11"], 4)}  # fmt: skip
     assert dense_baseline({"base": 1, "finetuned": 2}) == "finetuned" and dense_baseline({"base": 1}) == "base"
 
 
@@ -305,6 +310,8 @@ def test_judged_coverage_and_condensed_lists_by_hand():
     assert got["B"]["ndcg@10 judged only"] == 1.0  # d1 and d3 first once x, y, z are dropped
     assert score(qrels, runs["B"], ["ndcg@10"])["ndcg@10"] == pytest.approx((0.5 + 1 / np.log2(3)) / 2, abs=1e-6)
     assert got["B"]["warning"].startswith("B: only 10% of its top 10 is judged") and "warning" in got["A"]
+    # the top 2 by score: B's q1 {x, y} none judged, q2 {x, d3} one: 25 %
+    assert judged_coverage(judgements, qrels, runs, k=2)["B"]["judged@2"] == 0.25
     sparse = judged_coverage(qrels, qrels, runs)
     assert not any("warning" in row for row in sparse.values()) and sparse["B"]["judged@10"] == 0.1
     report = report_markdown({"data_dir": "d", "split": "test", "n_queries": 2, "n_docs": 9, "instruction": None,
