@@ -57,6 +57,24 @@ JUDGED = {
               "CJK manifest under a non-UTF-8 locale would need it: untested here), flush of a progress line, "
               "resolve() of a path that does not exist, rglob on what is not a folder, the hashing block size, '' "
               "for None as 'no checkpoint', and other splits of checkpoint-N (the names have one dash)",
+    "evaluate": "not reached (649): what only the notebook tests run (dense_system, dense_runs, side_by_side, "
+                "two_stage, general_skill, metrics_record, add_systems, write_model_card, plot_systems, headline), "
+                "which make mutate leaves out. The survivors read on 2026-12-06: choose_on_dev's wording and its "
+                "p-values at equality, ranx's make_comparable (our _ranx already hands it every query), dev_split's "
+                "seed and dev fraction (the unit test's data has its own dev split), a fusion grid spelled "
+                "otherwise with the same values, rounding digits, and the report's export section (its table is "
+                "tested in test_export.py)",
+    "memory": "a sample of every function's survivors read on 2026-12-06, not each one: available_memory (the cgroup "
+              "limit and the CUDA readings: a container limit or a GPU shows them; the GPU check's t4 rows use the "
+              "per-process fraction), the plan's wording (MemoryPlan.__str__, Estimate.__str__, _gb), "
+              "_what_fits' rarer branches (the 4-bit suggestion on a CPU, lengths down to 16, 'a smaller model'), "
+              "plan_memory's defaults when some of available, resident and runtime are given, and terms of "
+              "layer_saved_bytes for BERT and models without q/k norms, which the autograd tests match within 5-15 "
+              "% (a term off by less survives): real gaps, left for a stop of their own",
+    "mine": "the survivors read on 2026-12-06: stats the notebook prints but no choice reads ('config', "
+            "'made_from'), flush and tqdm arguments, the UTF-8 spelling, positive_score's rounding, zip's strict, "
+            "the reranker filter's batch size, and the pydocs test's ground (several labelled positives, candidates "
+            "'both' on real data) that make mutate leaves out for its fixture's minute",
     "serving": "its fast tests are the in-process ones (tests/test_parity_units.py): check, check_reranker and the "
                "HTTP and GGUF routes start a reference process and servers, which test_export.py tests end to end "
                "and make mutate leaves out (the 702 not reached). The survivors read on 2026-12-06: _variant's "
