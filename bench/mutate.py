@@ -62,8 +62,10 @@ JUDGED = {
                 "which make mutate leaves out. The survivors read on 2026-12-06: choose_on_dev's wording and its "
                 "p-values at equality, ranx's make_comparable (our _ranx already hands it every query), dev_split's "
                 "seed and dev fraction (the unit test's data has its own dev split), a fusion grid spelled "
-                "otherwise with the same values, rounding digits, and the report's export section (its table is "
-                "tested in test_export.py)",
+                "otherwise with the same values, rounding digits, the report's wording of its judged-documents "
+                "header and its export section (the rows and the warning are asserted; the export table is tested "
+                "in test_export.py), and judged_coverage's defaults for a query a run or the judgements lack (every "
+                "caller passes both)",
     "memory": "a sample of every function's survivors read on 2026-12-06, not each one: available_memory (the cgroup "
               "limit and the CUDA readings: a container limit or a GPU shows them; the GPU check's t4 rows use the "
               "per-process fraction), the plan's wording (MemoryPlan.__str__, Estimate.__str__, _gb), "

@@ -46,9 +46,9 @@ def tiny_run(tiny_models, tmp_path_factory):
     tiny_embedding, tiny_reranker = tiny_models
     run = tmp_path_factory.mktemp("tiny") / "run"
     args = ["--data", str(SAMPLES / "manpages_zh"), "--model", str(tiny_embedding), "--run", str(run)]
-    # the costly parts a tiny model does not need at full size: dev corpus, reranked depth, reranker's reading
+    # the costly parts a tiny model does not need at full size: the reranked depth and the reranker's reading
     result = run_all(*args, "--reranker", str(tiny_reranker), "--param", "rerank_top_k=5",
-                     "--param", "rerank_max_length=256", "--param", "eval_corpus_size=200")
+                     "--param", "rerank_max_length=256")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
