@@ -100,3 +100,14 @@ def read_only_folder(tmp_path):
         pytest.skip(f"root, and no read-only file system can be mounted here: {mounted.stderr.decode().strip()}")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
+
+
+def send_json(handler, code: int, payload: bytes, headers: dict | None = None) -> None:
+    """A JSON reply from a loopback test server's request handler (the fake LLM endpoints)."""
+    handler.send_response(code)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from conftest import send_json
 from embtune.judging import (
     UMBRELA_PROMPT,
     Journal,
@@ -159,12 +160,7 @@ class UmbrelaLike(BaseHTTPRequestHandler):
         content = {"answer": "<think>it says 1889</think>##final score: 3", "related": "M: 1, T: 2\n##Final Score: 1",
                    "refused": "I'm sorry, I can't help with that.", "garbage": "The score is three out of three.",
                    "slow": "##final score: 2"}[key]  # fmt: skip
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
 
 
 @pytest.fixture

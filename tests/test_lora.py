@@ -30,9 +30,25 @@ def test_full_fine_tuning_keeps_fp32_weights_and_asks_for_checkpointing():
     kwargs = unsloth_kwargs(full, 512)
     assert kwargs["dtype"] == torch.float32 and not kwargs["load_in_16bit"] and kwargs["full_finetuning"]
     assert kwargs["use_gradient_checkpointing"] == "unsloth"
-    assert quantization_kwargs(full) == {}  # the peft path: fp32 weights too
+    assert quantization_kwargs(full) == {"dtype": torch.float32}  # the peft path too: transformers would load a
+    # bf16 checkpoint (Qwen3's) in bf16
     lora = plan(LoraOptions(quant="none"), "unused", n_params=10**9, capability=(8, 0))
     assert unsloth_kwargs(lora, 512)["load_in_16bit"] and quantization_kwargs(lora) == {"dtype": torch.bfloat16}
+
+
+def test_a_bf16_checkpoint_is_fully_fine_tuned_in_float32_weights(tiny_embedding, tmp_path):
+    """What the plan loads, read off the loaded model: a bf16 checkpoint (as Qwen3's are) trains float32 weights
+    when fully fine-tuned, and keeps its 16 bits for LoRA on a CPU, where the memory plan counts 2 bytes."""
+    from sentence_transformers import SentenceTransformer
+
+    from embtune.lora import load_embedder_for_training
+
+    SentenceTransformer(str(tiny_embedding), device="cpu").to(torch.bfloat16).save(str(tmp_path / "bf16"))
+    for full, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        options = LoraOptions(full_finetune=full, quant="none")
+        how = plan(options, str(tmp_path / "bf16"), capability=None)
+        model = load_embedder_for_training(str(tmp_path / "bf16"), options, how, 64)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {dtype}, full
 
 
 def test_backend_choice():

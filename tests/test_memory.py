@@ -325,8 +325,9 @@ def test_training_plans_with_the_cached_loss_on_a_cpu_return_freed_blocks_and_ot
     ("peft", "4bit", False, "fp16", 4, (2, 2, 2, "cuda")),  # QLoRA on a T4: 16-bit compute and LoRA weights
     ("peft", "4bit", False, "fp32", 2, (4, 4, 4, "cpu")),  # 4-bit on a CPU computes in float32
     ("peft", "none", False, "bf16", 4, (2, 2, 2, "cuda")),  # LoRA on a GPU loads a float32 checkpoint in bf16
-    ("peft", "none", True, "bf16", 4, (4, 2, 4, "cuda")),  # full fine-tuning keeps the checkpoint's float32
-    ("peft", "none", True, "fp32", 2, (2, 2, 2, "cpu")),  # a bf16 checkpoint on a CPU: as stored
+    ("peft", "none", True, "bf16", 2, (4, 2, 4, "cuda")),  # full fine-tuning: float32 master weights
+    ("peft", "none", True, "fp32", 2, (4, 4, 4, "cpu")),  # a bf16 checkpoint on a CPU too
+    ("peft", "none", False, "fp32", 2, (2, 2, 2, "cpu")),  # LoRA on a CPU: the checkpoint's dtype, as stored
     ("unsloth", "none", True, "bf16", 2, (4, 2, 4, "cuda")),  # unsloth full fine-tuning: float32 master weights
     ("unsloth", "none", False, "fp16", 4, (2, 2, 2, "cuda")),  # unsloth 16-bit LoRA of a float32 checkpoint
 ])  # fmt: skip

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import write_beir
+from conftest import send_json, write_beir
 from embtune.data import load_beir, training_labels
 from embtune.generators import Endpoint, GeneratorError, LocalLM, crop, ict, parse_queries
 from embtune.synthetic import SynthConfig, cosine_floor, generate, read_journal
@@ -76,13 +76,7 @@ class FakeLLM(BaseHTTPRequestHandler):
         self._send(200, json.dumps(reply).encode())
 
     def _send(self, code, payload, headers=None):
-        self.send_response(code)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, code, payload, headers)
 
 
 @pytest.fixture

@@ -137,12 +137,12 @@ def to_qrels(grades: dict[tuple[str, str], int], dev_share: float = 0.5, seed: i
             "test": {q: by_query[q] for q in sorted(queries[n_dev:])}}  # fmt: skip
 
 
-def write_qrels(folder: str | Path, qrels: dict[str, dict[str, int]]) -> Path:
+def write_qrels(path: str | Path, qrels: dict[str, dict[str, int]]) -> Path:
     """One BEIR qrels TSV (header, then query-id, corpus-id, score), written whole or not at all."""
     from .files import write_text
 
     rows = [f"{q}\t{d}\t{g}" for q, docs in qrels.items() for d, g in sorted(docs.items())]
-    return write_text(folder, "query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in rows))
+    return write_text(path, "query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in rows))
 
 
 def agreement(a: dict[tuple[str, str], int], b: dict[tuple[str, str], int]) -> dict:
@@ -193,8 +193,8 @@ def parse_grade(reply: str) -> int | None:
     refusal, prose, several different final scores, a number out of the scale."""
     from .generators import strip_thinking
 
-    found = set(re.findall(r"##\s*final score\s*:\s*(\d+)\b", strip_thinking(reply), flags=re.I))
-    return int(found.pop()) if len(found) == 1 and int(next(iter(found))) in GRADES else None
+    found = {int(g) for g in re.findall(r"##\s*final score\s*:\s*(\d+)\b", strip_thinking(reply), flags=re.I)}
+    return found.pop() if len(found) == 1 and found <= GRADES.keys() else None
 
 
 def llm_judge(generator, pairs: list[tuple[str, str]], queries: dict[str, str], docs: dict[str, str],
@@ -205,7 +205,8 @@ def llm_judge(generator, pairs: list[tuple[str, str]], queries: dict[str, str], 
     arrived are saved (GeneratorError: rerun to resume). Returns the counts and a few unparsed replies."""
     from .generators import GeneratorError
 
-    todo = [p for p in pairs if p not in journal.seen(judge)]
+    seen = journal.seen(judge)
+    todo = [p for p in pairs if p not in seen]
     stats = {"asked": len(todo), "graded": 0, "unparsed": 0, "examples": []}
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]

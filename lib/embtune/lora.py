@@ -153,13 +153,22 @@ def plan(options: LoraOptions, path: str, kind: str = "embedder", n_params: int 
     return Plan(backend, quant, full, precision(capability), checkpointing, n_params, why, options.lora_r)
 
 
+def loader_dtype(plan: Plan) -> torch.dtype | None:
+    """The dtype unquantised weights are loaded in, by either backend (None: the checkpoint's): float32 master
+    weights for full fine-tuning, whose AdamW updates would round away in 16 bits (unsloth's default, and
+    transformers' for a bf16 checkpoint such as Qwen3's, load 16-bit ones); frozen 16-bit weights for LoRA on a
+    GPU."""
+    if plan.full_finetune:
+        return torch.float32
+    return None if plan.precision == "fp32" else compute_dtype(plan)
+
+
 def quantization_kwargs(plan: Plan) -> dict:
     """transformers `model_kwargs`: bitsandbytes 4-bit (NF4) or 8-bit weights, computing in the plan's precision;
-    16-bit frozen weights for LoRA on a GPU; full precision for full fine-tuning, whose AdamW updates would round
-    away in 16-bit weights."""
+    else the weights in `loader_dtype`."""
     if plan.quant == "none":
-        lora_on_gpu = not plan.full_finetune and plan.precision != "fp32"
-        return {"dtype": compute_dtype(plan)} if lora_on_gpu else {}
+        dtype = loader_dtype(plan)
+        return {"dtype": dtype} if dtype else {}
     from transformers import BitsAndBytesConfig
 
     quantized = {
@@ -184,7 +193,7 @@ def unsloth_kwargs(plan: Plan, max_seq_length: int) -> dict:
         "load_in_4bit": plan.quant == "4bit",
         "load_in_8bit": plan.quant == "8bit",
         "load_in_16bit": plan.quant == "none" and not plan.full_finetune,
-        "dtype": torch.float32 if plan.full_finetune else (None if plan.precision == "fp32" else compute_dtype(plan)),
+        "dtype": loader_dtype(plan),
         "full_finetuning": plan.full_finetune,
         "use_gradient_checkpointing": "unsloth" if plan.gradient_checkpointing else False,
     }

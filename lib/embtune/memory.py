@@ -572,16 +572,14 @@ def setting_for(shape: ModelShape, lora_plan, batch_size: int, lengths: tuple[in
     """The Setting that `embtune.lora`'s plan (and the options it was made from: lora_r, target_modules,
     lora_dropout) will load: the dtype transformers loads the weights in (the checkpoint's unless the plan asks for
     one), activations in the weights' dtype or the mixed precision's, LoRA's trainable dtype."""
-    from .lora import quantization_kwargs, unsloth_kwargs
+    from .lora import loader_dtype
 
     device = device or ("cpu" if lora_plan.precision == "fp32" else "cuda")
     quant = lora_plan.quant
     if quant != "none":
         weight = activation = trainable = 4 if device == "cpu" else 2
     else:
-        # the dtype the backend's loader is handed (None: the checkpoint's)
-        kwargs = unsloth_kwargs(lora_plan, 0) if lora_plan.backend == "unsloth" else quantization_kwargs(lora_plan)
-        asked = kwargs.get("dtype")
+        asked = loader_dtype(lora_plan)
         weight = DTYPE_BYTES[str(asked).removeprefix("torch.")] if asked else shape.dtype_bytes
         activation = 2 if lora_plan.precision in ("bf16", "fp16") else weight
         trainable = weight
