@@ -11,6 +11,7 @@ DATA ?= data_samples/pydocs
 RUN ?= runs/pydocs
 GENERATOR ?=
 RERANKER ?=
+JUDGEMENTS ?=
 PARAMS ?=
 UNTIL ?=
 OUT ?= fixtures
@@ -49,6 +50,7 @@ llama-server: setup
 run-all: setup
 	$(PY) -m embtune.run_all --data "$(DATA)" --model "$(MODEL)" --run "$(RUN)" \
 		$(if $(GENERATOR),--generator "$(GENERATOR)") $(if $(RERANKER),--reranker "$(RERANKER)") \
+		$(if $(JUDGEMENTS),--judgements "$(JUDGEMENTS)") \
 		$(if $(UNTIL),--until "$(UNTIL)") $(foreach p,$(PARAMS),--param "$(p)")
 
 # Speed and memory (CPU, under 30 min), then the goals table; each script rewrites its section of docs/BENCHMARKS.md.

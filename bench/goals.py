@@ -107,7 +107,8 @@ def code_row() -> str:
     gains = {k: r["ndcg@10"] - base for k, r in rows.items() if k != "base" and "ndcg@10" in r}
     listed = ", ".join(f"{k} {g:+.4f} ({rows[k]['with a pair']:.0%} of documents with a pair)"
                        for k, g in gains.items())  # fmt: skip
-    return f"{listed} ({'met' if gains and max(gains.values()) >= 0.02 else 'NOT met'})"
+    met = gains and min(gains.values()) >= 0 and max(gains.values()) >= 0.02
+    return f"{listed} ({'met' if met else 'NOT met'})"
 
 
 def memory_row() -> str:
@@ -186,7 +187,8 @@ def main():
                  "(MiniLM, mined negatives)", "where we stand": decisions_row()},
         {"goal": "a reranker never makes things worse: every fused two-stage system >= dense (SciFact)",
          "where we stand": fused_row()},
-        {"goal": "corpus-only on source code (no labels): shipped - base >= +0.02 NDCG@10",
+        {"goal": "corpus-only on source code (100 judged dev queries, no train labels): shipped - base >= 0 NDCG@10 "
+                 "for every generator, >= +0.02 for the best",
          "where we stand": code_row()},
         {"goal": "served = trained: every default export passes the parity check, read as served (MiniLM and a "
                  "last-token SmolLM2 embedder fine-tuned on SciFact)",

@@ -102,6 +102,12 @@ def test_vertex_limits_warn_or_error():
     with pytest.raises(DataError, match="outside Vertex AI limits"):
         load_beir(SAMPLES / "guide_example", limits="error")
     assert check_limits(load_beir(SAMPLES / "pydocs"), "error") == []
+    unlabelled = load_beir(SAMPLES / "pydocs", limits="off")
+    unlabelled.qrels = {}  # a corpus-only run: label counts are not Vertex's business, nothing to warn of
+    assert check_limits(unlabelled, "error") == []
+    unlabelled.qrels = {"test": {"q": {"d": 1}}}
+    assert check_limits(unlabelled, "off") == ["1 query ids in all splits; Vertex AI tuning needs at least 9",
+                                               "1 query ids in split 'test'; Vertex AI tuning needs at least 3"]
 
 
 def test_samples_load_in_chinese_and_english():

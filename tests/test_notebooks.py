@@ -19,10 +19,11 @@ from conftest import ROOT, SAMPLES
 from embtune.evaluate import HEADLINE, METRICS
 from embtune.run_all import notebooks
 
-ORDER = ["01_synthetic_queries", "02_hard_negatives", "03_train", "04_matryoshka", "05_evaluate", "06_reranker",
-         "07_export"]  # fmt: skip
+ORDER = ["00_judge", "01_synthetic_queries", "02_hard_negatives", "03_train", "04_matryoshka", "05_evaluate",
+         "06_reranker", "07_export"]  # fmt: skip
 # Each notebook's config class; every parameter is one of its fields, except these notebook-only knobs.
 CONFIGS = {
+    "00_judge": "embtune.judging:JudgeConfig",
     "01_synthetic_queries": "embtune.synthetic:SynthConfig",
     "02_hard_negatives": "embtune.mine:MineConfig",
     "03_train": "embtune.train:TrainConfig",
@@ -70,10 +71,11 @@ class TestTinyRun:
     def test_run_all_runs_the_notebooks_in_order_and_ends_with_the_headline(self, tiny_run):
         run, result = tiny_run
         announced = [line[3:] for line in result.stdout.splitlines() if line.startswith("== ")]
-        assert announced == ["01_synthetic_queries.ipynb: skipped (no GENERATOR)",
-                             *[f"{n}.ipynb" for n in ORDER[1:]]]  # fmt: skip
-        assert all(f"   {n}.ipynb: " in result.stdout for n in ORDER[1:])  # each notebook's seconds
-        assert sorted(p.name for p in (run / "notebooks").iterdir()) == [f"{n}.ipynb" for n in ORDER[1:]]
+        assert announced == ["00_judge.ipynb: skipped (no JUDGEMENTS file and no LLM judge: a person judges in "
+                             "Jupyter)", "01_synthetic_queries.ipynb: skipped (no GENERATOR)",
+                             *[f"{n}.ipynb" for n in ORDER[2:]]]  # fmt: skip
+        assert all(f"   {n}.ipynb: " in result.stdout for n in ORDER[2:])  # each notebook's seconds
+        assert sorted(p.name for p in (run / "notebooks").iterdir()) == [f"{n}.ipynb" for n in ORDER[2:]]
         tail = result.stdout.split("done: ", 1)[1]
         assert "test split, 120 queries" in tail and "system" in tail and "finetuned+tuned_rerank" in tail
         assert f"report: {run / 'report.md'}" in tail and f"executed notebooks: {run / 'notebooks'}" in tail
@@ -81,7 +83,7 @@ class TestTinyRun:
 
     def test_every_promised_plot_shows_in_the_notebook(self, tiny_run):
         run, _ = tiny_run
-        shown = {n: images(run / "notebooks" / f"{n}.ipynb") for n in ORDER[1:]}
+        shown = {n: images(run / "notebooks" / f"{n}.ipynb") for n in ORDER[2:]}
         # 02: scores histogram; 03: curves, merge; 04: dimensions; 05: systems; 06 and 07 show tables only
         assert shown == {"02_hard_negatives": 1, "03_train": 2, "04_matryoshka": 1, "05_evaluate": 1,
                          "06_reranker": 0, "07_export": 0}, shown  # fmt: skip
@@ -256,10 +258,20 @@ def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, mini
     assert "finetuned | " in (run / "report.md").read_text()
 
 
-def test_run_all_without_labels_trains_on_synthetic_queries(tmp_path, tiny_embedding):
-    """No qrels/train.tsv: notebook 01 writes queries by the inverse cloze task, and 02, 03 and 05 use them."""
+def test_run_all_without_labels_judges_queries_trains_on_synthetic_ones_and_proves_it_on_the_judged(
+        tmp_path, tiny_embedding):  # fmt: skip
+    """No labels at all, only queries: notebook 00 takes a person's grades from a file (JUDGEMENTS) into
+    RUN/judged/, notebook 01 writes queries by the inverse cloze task, 02 and 03 train on them, 03 chooses what
+    ships on the judged dev queries, and 05 scores on the judged test queries; the data folder is never written."""
     data = shutil.copytree(SAMPLES / "pydocs", tmp_path / "data")
-    (data / "qrels" / "train.tsv").unlink()
+    labels = {}
+    for split in ("train", "dev", "test"):
+        lines = (data / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
+        labels.update({tuple(line.split("\t")[:2]): None for line in lines if split != "train"})
+        (data / "qrels" / f"{split}.tsv").unlink()
+    before = {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    grades = tmp_path / "grades.tsv"  # a person's grades: the sample's own labels, as grade 3
+    grades.write_text("query-id\tcorpus-id\tgrade\n" + "".join(f"{q}\t{d}\t3\n" for q, d in labels))
     run = tmp_path / "run"
     args = ["--data", str(data), "--model", str(tiny_embedding), "--run", str(run)]
     refused = run_all(*args)
@@ -268,21 +280,32 @@ def test_run_all_without_labels_trains_on_synthetic_queries(tmp_path, tiny_embed
     assert typo.returncode == 2 and "min_cosin" in typo.stderr
     beyond = run_all(*args, "--generator", "ict", "--until", "9")
     assert beyond.returncode == 2 and beyond.stderr.strip().splitlines() == [
-        "error: --until 9: no notebook has that number (01, 02, 03, 04, 05, 06, 07)"]  # fmt: skip
+        "error: --until 9: no notebook has that number (00, 01, 02, 03, 04, 05, 06, 07)"]  # fmt: skip
+    missing = run_all(*args, "--generator", "ict", "--judgements", str(tmp_path / "nothing.tsv"))
+    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path / 'nothing.tsv'}: no such file")
     # a random tiny model cannot judge relevance: the embedding filters are off here (tested with MiniLM)
     filters = ["--param", "min_cosine=None", "--param", "round_trip_k=None", "--param", "max_documents=150",
-               "--param", "eval_corpus_size=200"]
-    result = run_all(*args, "--generator", "ict", "--until", "5", *filters)
+               "--param", "eval_corpus_size=200", "--param", "max_queries=40"]
+    result = run_all(*args, "--generator", "ict", "--judgements", str(grades), "--until", "5", *filters)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "== 00_judge.ipynb\n" in result.stdout
     assert "== 06_reranker.ipynb: skipped (after UNTIL=5)\n== 07_export.ipynb: skipped (after UNTIL=5)" in result.stdout
     assert not (run / "export").exists() and not (run / "notebooks" / "07_export.ipynb").exists()
+    assert {p.name: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before  # DATA never written
+    judged = json.loads((run / "judged" / "stats.json").read_text())
+    queries = {q for q, _ in labels}
+    assert judged["grades"] == {"person": len(labels)} and judged["dev"] + judged["test"] == len(queries)
+    assert 0.35 * len(queries) < judged["dev"] < 0.65 * len(queries)
     stats = json.loads((run / "synthetic" / "stats.json").read_text())
     assert stats["generator"] == "inverse cloze task (no LLM)" and stats["documents"] == 150 and stats["kept"] > 100
     log = json.loads((run / "train_log.json").read_text())
-    assert log["n_train_rows"] == stats["kept"] and log["n_dev_queries"] == 69  # the sample's own dev split
+    assert log["n_train_rows"] == stats["kept"] and log["n_dev_queries"] == judged["dev"]  # the judged dev split
+    assert log["merge_curve"] and "t = 0.5" not in log["merge_why"]  # chosen on judged queries, not fixed
     negatives = [json.loads(line) for line in (run / "hard_negatives" / "train.jsonl").read_text().splitlines()]
     assert len(negatives) == stats["kept"] and all(r["query_id"].startswith("synthetic:") for r in negatives)
-    assert list(json.loads((run / "metrics.json").read_text())["systems"])[:2] == ["base", "finetuned"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["systems"])[:2] == ["base", "finetuned"]
+    assert metrics["split"] == "test" and metrics["n_queries"] == judged["test"]
 
 
 def test_param_values_are_python_literals_or_strings():

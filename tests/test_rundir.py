@@ -136,12 +136,22 @@ def test_what_is_known_before_training_is_checked_before_training(tmp_path, tiny
         (data / "qrels" / f"{split}.tsv").unlink()
     monkeypatch.chdir(tiny_embedding.parent)
     args = argparse.Namespace(data=str(data), model=tiny_embedding.name, run=str(tmp_path / "run"), generator="ict",
-                              reranker="", limits="off", param=[])  # fmt: skip
+                              reranker="", judgements="", limits="off", param=[])  # fmt: skip
     params, conditions = preflight(args)
     assert params["base_model"] == str(tiny_embedding.resolve())
     reasons = {p.stem: skip_reason(p, conditions) for p in notebooks()}
-    assert reasons["04_matryoshka"] == reasons["05_evaluate"] == "no test or dev labels in DATA to evaluate on"
+    assert reasons["04_matryoshka"] == reasons["05_evaluate"] == \
+        "no test or dev labels in DATA or judged in notebook 00 to evaluate on"
     assert reasons["03_train"] is None and reasons["06_reranker"] == "no RERANKER"
+    assert reasons["00_judge"] == "no JUDGEMENTS file and no LLM judge: a person judges in Jupyter"
+    # judgements coming (a file, an LLM judge) or already judged in RUN/judged/: 04 and 05 run
+    for change in ({"judgements": __file__}, {"param": [("judge", "llm")]}):
+        _, conditions = preflight(argparse.Namespace(**{**vars(args), **change}))
+        assert skip_reason(notebooks()[5], conditions) is None
+    (tmp_path / "run" / "judged" / "qrels").mkdir(parents=True)
+    (tmp_path / "run" / "judged" / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    _, conditions = preflight(args)
+    assert skip_reason(notebooks()[5], conditions) is None and skip_reason(notebooks()[0], conditions)
 
 
 def test_a_read_only_run_directory_is_one_line(read_only_folder, minilm_path):

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import send_json, write_beir
 from embtune.data import load_beir, training_labels
-from embtune.generators import Endpoint, GeneratorError, LocalLM, crop, ict, parse_queries
+from embtune.generators import Endpoint, GeneratorError, LocalLM, crop, ict, identifier_words, parse_queries, prose
 from embtune.synthetic import SynthConfig, cosine_floor, generate, read_journal
 
 DOCS = {
@@ -266,6 +266,41 @@ def test_no_llm_generators_make_pairs_for_documents_without_sentences(method):
             pieces = [query] if form == "characters" else query.split()  # characters are joined without spaces
             assert all(p in text.replace(" " if form == "characters" else "\0", "") for p in pieces)
             assert len(query) < len(text)
+
+
+CODE = """def read_config_file(path, encoding="utf-8"):
+    # Read the whole file and parse it as TOML;
+    # missing keys fall back to the defaults.
+    with open(path, encoding=encoding) as f:  # text mode turns CRLF into LF
+        text = f.read()
+    x = 1  # noqa: F841
+    return parse(text)
+"""
+
+
+def test_prose_queries_come_from_comments_and_names_and_leave_the_positive():
+    made = {}
+    for seed in range(40):
+        query, view, form = prose({"title": "", "text": CODE}, random.Random(seed), keep=0.0)
+        made[query] = (view["text"], form)
+    comment = "Read the whole file and parse it as TOML; missing keys fall back to the defaults."
+    assert set(made) == {comment, "text mode turns CRLF into LF", "read config file"}  # not "noqa: F841"
+    paragraph, paragraph_form = made[comment]
+    assert paragraph_form == "comments" and "TOML" not in paragraph and "missing keys" not in paragraph
+    assert "CRLF" not in made["text mode turns CRLF into LF"][0] and "with open(path" in paragraph
+    assert made["read config file"] == (CODE.strip("\n"), "names")  # the name stays: the query is its words
+    c = "int main() {\n  /* 读取配置文件并解析 */\n  return load();\n}"
+    query, view, form = prose({"title": "", "text": c}, random.Random(0), keep=0.0)
+    assert (query, form) == ("读取配置文件并解析", "comments") and "读取" not in view["text"]
+    assert prose({"title": "", "text": "x = 1\ny = 2  # ok\n#include <stdio.h>"}, random.Random(0)) is None
+    assert prose({"title": "", "text": "A paragraph of prose, with no code in it at all."}, random.Random(0)) is None
+
+
+def test_identifiers_split_into_the_words_people_type():
+    assert identifier_words("read_config_file") == "read config file"
+    assert identifier_words("readConfigFile") == "read config file"
+    assert identifier_words("HTTPServerError") == "http server error"
+    assert identifier_words("__init__") == "init" and identifier_words("parse2Json") == "parse2 json"
 
 
 def test_ict_without_an_llm_writes_training_views(corpus, minilm, minilm_path, tmp_path):

@@ -104,7 +104,7 @@ class BeirData:
         )
 
 
-def _lines(path: Path):
+def read_lines(path: Path):
     """Yield (line number, decoded line) of a text or gzip file, naming the line of undecodable bytes; a UTF-8
     byte-order mark (many editors and spreadsheet exports write one) is skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -129,7 +129,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: 
     """Read a JSONL file of records with unique `_id` and string fields; returns {id: {field: str}}."""
     records: dict[str, dict[str, str]] = {}
     first_line: dict[str, int] = {}
-    for number, line in _lines(path):
+    for number, line in read_lines(path):
         if not line.strip():
             continue
         try:
@@ -178,7 +178,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...] = ("_id", "text"), optional: 
 def read_qrels(path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, int]]:
     """Read one `qrels/<split>.tsv`, checking the header, the scores and that every id exists."""
     qrels: dict[str, dict[str, int]] = {}
-    lines = _lines(path)
+    lines = read_lines(path)
     header = next(lines, (1, ""))[1].split("\t")
     if [h.strip() for h in header] != QRELS_HEADER:
         raise DataError(
@@ -230,8 +230,10 @@ def read_qrels(path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, i
     return qrels
 
 
-def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
-    """Load and validate a BEIR folder; `limits` is "error", "warn" or "off" for the Vertex AI size limits."""
+def load_beir(path: str | Path, limits: str = "warn", run_dir: str | Path | None = None) -> BeirData:
+    """Load and validate a BEIR folder; `limits` is "error", "warn" or "off" for the Vertex AI size limits. With
+    `run_dir`, the queries judged in notebook 00 (`run_dir/judged/`) join the data's own labels: the data folder
+    itself is never written to."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(path, None, "no such folder", "point data_dir at a folder in BEIR layout")
@@ -250,8 +252,31 @@ def load_beir(path: str | Path, limits: str = "warn") -> BeirData:
     queries = {qid: q["text"] for qid, q in read_jsonl(queries_file).items()}
     qrels = {p.stem: read_qrels(p, corpus, queries) for p in sorted((path / "qrels").glob("*.tsv"))}
     data = BeirData(path, corpus, queries, qrels)
+    if run_dir is not None:
+        add_judged(data, RunDir(run_dir).judged)
     check_limits(data, limits)
     return data
+
+
+def add_judged(data: BeirData, folder: Path) -> None:
+    """Merge notebook 00's output into `data`: `queries.jsonl` (judged queries the data's queries file does not
+    hold, e.g. from a text file) and `qrels/<split>.tsv`. A judged query must have no label in the data already:
+    two sources of truth for one query would silently disagree."""
+    queries_file = folder / "queries.jsonl"
+    if queries_file.exists():
+        for qid, q in read_jsonl(queries_file).items():
+            if data.queries.setdefault(qid, q["text"]) != q["text"]:
+                raise DataError(queries_file, None, f"query-id {qid!r} has another text in "
+                                f"{data.path / 'queries.jsonl'}", f"delete {folder} and judge again")  # fmt: skip
+    labelled = {q: split for split, qrels in data.qrels.items() for q in qrels}
+    for path in sorted((folder / "qrels").glob("*.tsv")):
+        judged = read_qrels(path, data.corpus, data.queries)
+        both = sorted(set(judged) & set(labelled))
+        if both:
+            raise DataError(path, None, f"query-id {both[0]!r} is judged here and labelled in "
+                            f"{data.path / 'qrels' / labelled[both[0]]}.tsv ({len(both)} such queries)",
+                            "keep one: remove those queries' lines from the data's qrels, or judge again")  # fmt: skip
+        data.qrels.setdefault(path.stem, {}).update(judged)
 
 
 @dataclass
@@ -316,12 +341,10 @@ def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
     """Report where the data breaks Vertex AI's tuning limits; raise on "error", warn on "warn"."""
     if mode not in ("error", "warn", "off"):
         raise ValueError(f'limits must be "error", "warn" or "off", not {mode!r}')
-    counts = {
-        "queries": len(data.queries),
-        "documents": len(data.corpus),
-        "query ids in all splits": len({q for split in data.qrels.values() for q in split}),
-        "labels in all splits": sum(len(d) for split in data.qrels.values() for d in split.values()),
-    }
+    counts = {"queries": len(data.queries), "documents": len(data.corpus)}
+    if data.qrels:  # a corpus without labels (synthetic queries, notebook 00) is not a Vertex data set: no label counts
+        counts["query ids in all splits"] = len({q for split in data.qrels.values() for q in split})
+        counts["labels in all splits"] = sum(len(d) for split in data.qrels.values() for d in split.values())
     checks = [(what, counts[what], what) for what in counts]
     checks += [(f"query ids in split {s!r}", len(q), "query ids per split") for s, q in data.qrels.items()]
     problems = []

@@ -1,5 +1,5 @@
 """Where notebook 01's queries come from: an LLM behind an OpenAI-compatible endpoint, a causal LM in this
-process, or no LLM at all (inverse cloze task and independent cropping).
+process, or no LLM at all (inverse cloze task, independent cropping, and the prose inside source code).
 
 The prompt follows the Qwen3-Embedding report's synthesis recipe: each document gets a persona, a query type,
 a difficulty, a length and an output language, with the instructions in English, and the reply is asked for
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .data import spaceless
 
-UNSUPERVISED = ("ict", "crop")
+UNSUPERVISED = ("ict", "crop", "prose")
 PERSONAS = [
     "a domain expert checking a detail",
     "a student new to the field",
@@ -325,3 +325,73 @@ def crop(doc: dict, rng: random.Random, low: float = 0.1, high: float = 0.5, min
         return joiner.join(units[start : start + n])
 
     return span(), {"title": "", "text": span()}, "words" if spaced else "characters"
+
+
+_DOCSTRING = re.compile(r"(\"\"\"|\'\'\')(.*?)\1", re.S)
+_BLOCK_COMMENT = re.compile(r"/\*+(.*?)\*+/", re.S)
+_LINE_COMMENT = re.compile(r"^[ \t]*(?:#(?![!])|//)(.*)$|[ \t](?:#|//)[ \t](.*)$", re.M)
+_DEFINED = re.compile(r"\b(?:def|class|function|func|fn|sub|struct|interface|trait|enum)\s+([A-Za-z_]\w*)")
+_WORD = re.compile(r"[^\W\d_]{2,}")
+_CASE_CHANGE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def _is_prose(text: str) -> bool:
+    """Words, not code or markers: 3 or more words making up most of the tokens (4 characters in a script without
+    spaces). `#include <x.h>`, `# noqa: E501`, `// ---` and commented-out code mostly fail it."""
+    if spaceless(text):
+        return len(re.findall(r"[^\W\d_]", text)) >= 4
+    tokens = text.split()
+    words = [t for t in tokens if _WORD.fullmatch(t.strip(".,;:!?()'\"`"))]
+    return len(words) >= 3 and len(words) * 2 > len(tokens)
+
+
+def identifier_words(name: str) -> str:
+    """`read_config_file`, `readConfigFile` and `HTTPServer` as `read config file`, `read config file` and
+    `http server`: the words a person would type for the name."""
+    return " ".join(w.lower() for part in name.split("_") for w in _CASE_CHANGE.split(part) if w)
+
+
+def _prose_pieces(text: str) -> list[tuple[str, int, int, str]]:
+    """(query, start, end, form) for each piece of prose in source code: docstrings and block comments, runs of
+    comment lines, and the words of each defined name (start = end: the name stays in the positive)."""
+    pieces = []
+    for m in _DOCSTRING.finditer(text):
+        pieces.append((" ".join(m.group(2).split()), m.start(), m.end(), "docstrings"))
+    for m in _BLOCK_COMMENT.finditer(text):
+        body = " ".join(line.strip().lstrip("*") for line in m.group(1).splitlines())
+        pieces.append((" ".join(body.split()), m.start(), m.end(), "comments"))
+    run = None  # consecutive whole-line comments are one piece, as a paragraph is
+    for m in _LINE_COMMENT.finditer(text):
+        whole, body = m.group(1) is not None, (m.group(1) or m.group(2) or "").strip()
+        if whole and run and text[run[2] : m.start()].strip() == "":
+            run = (run[0] + " " + body, run[1], m.end())
+        else:
+            if run:
+                pieces.append((*run, "comments"))
+            run = (body, m.start(), m.end()) if whole else None
+            if not whole:
+                pieces.append((body, m.start(), m.end(), "comments"))
+    if run:
+        pieces.append((*run, "comments"))
+    pieces = [p for p in pieces if _is_prose(p[0])]
+    for m in _DEFINED.finditer(text):
+        words = identifier_words(m.group(1))
+        if len(words.split()) >= 2:
+            pieces.append((words, m.end(), m.end(), "names"))
+    return pieces
+
+
+def prose(doc: dict, rng: random.Random, keep: float = 0.1):
+    """A query from the prose inside source code, which is how people describe code: a docstring or comment (taken
+    out of the positive, as in the inverse cloze task), or a defined name split into words. The inverse cloze task
+    cuts code by lines, and a line of code is rarely what anyone searches with. Returns (query, view, form), or
+    None for a document with no prose in it."""
+    pieces = _prose_pieces(doc["text"])
+    if not pieces:
+        return None
+    query, start, end, form = rng.choice(pieces)
+    text = doc["text"]
+    rest = text if rng.random() < keep else re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", text[:start] + text[end:])
+    if not rest.strip():
+        return None
+    return query, {"title": doc["title"], "text": rest.strip("\n")}, form

@@ -13,10 +13,17 @@ judging resumes where it stopped, also after new systems (a fine-tuned model) ad
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from .config import StepConfig
+from .data import BeirData, DataError, load_beir, read_lines
+from .rundir import RunDir
 
 GRADES = {0: "not relevant", 1: "related, does not answer", 2: "answers in part", 3: "answers fully"}
 HEADER = "query-id\tcorpus-id\tgrade\tjudge\ttime\n"
@@ -125,16 +132,17 @@ def next_pair(pairs: list[tuple[str, str]], journal: Journal, judge: str = "pers
 
 def to_qrels(grades: dict[tuple[str, str], int], dev_share: float = 0.5, seed: int = 42) -> dict[str, dict]:
     """{"dev": qrels, "test": qrels} in BEIR's form ({query: {document: grade}}, grade 0 kept: a judged non-relevant
-    document), the queries split by a seeded draw (a query's grades all go to one split). A query none of whose
-    documents is relevant stays out: it cannot score."""
+    document), each query's split drawn from the seed and the query alone, so judging more queries later never
+    moves one from dev (which chose what ships) to test. A query none of whose documents is relevant stays out: it
+    cannot score."""
     by_query: dict[str, dict[str, int]] = {}
-    for (q, d), g in grades.items():
+    for (q, d), g in sorted(grades.items()):
         by_query.setdefault(q, {})[d] = g
-    queries = sorted(q for q, docs in by_query.items() if any(g > 0 for g in docs.values()))
-    random.Random(seed).shuffle(queries)
-    n_dev = round(dev_share * len(queries))
-    return {"dev": {q: by_query[q] for q in sorted(queries[:n_dev])},
-            "test": {q: by_query[q] for q in sorted(queries[n_dev:])}}  # fmt: skip
+    split: dict[str, dict] = {"dev": {}, "test": {}}
+    for q, docs in sorted(by_query.items()):
+        if any(g > 0 for g in docs.values()):
+            split["dev" if random.Random(f"{seed}:{q}").random() < dev_share else "test"][q] = docs
+    return split
 
 
 def write_qrels(path: str | Path, qrels: dict[str, dict[str, int]]) -> Path:
@@ -227,3 +235,247 @@ def llm_judge(generator, pairs: list[tuple[str, str]], queries: dict[str, str], 
             raise GeneratorError(f"{len(failed)} judging requests failed ({failed[0]}); the {stats['graded']} "
                                  "grades that arrived are saved: rerun to resume")  # fmt: skip
     return stats
+
+
+# The notebook step (00): which queries, the pool, grades taken from a file or an LLM, and the qrels written.
+
+MIN_PAIRS_FOR_AGREEMENT = 30  # fewer pairs judged by both: the kappa is noise, agreement "not measured"
+
+
+@dataclass(kw_only=True)
+class JudgeConfig(StepConfig):
+    queries_file: str | None = None  # one query a line (UTF-8); None: the data's queries that no qrels file labels
+    max_queries: int | None = 100  # a seeded sample of them to judge; None: all
+    pool_k: int = 10  # each system's top k joins the pool
+    judge: str = "person"  # "person": buttons in the notebook; "llm": generator_model grades the whole pool
+    generator_model: str = ""  # the LLM judge, as in notebook 01: "openai:<model>" (OPENAI_BASE_URL) or a causal LM
+    grades_file: str | None = None  # grades to take in: a grades.tsv of this notebook, or query-id, corpus-id, grade
+    dev_share: float = 0.5  # judged queries drawn into dev (what notebooks 03 and 06 choose on); the rest: test
+    min_kappa: float = 0.4  # an LLM judge agreeing less with people (weighted kappa) decides nothing
+    bm25_stopwords: str | None = "en"  # None for languages without an English-like stop-word list
+    batch_size: int = 32
+
+
+@dataclass
+class Judging:
+    """One judging effort: the queries that may be judged (`candidates`), the sample pooled (`queries`), their
+    pooled documents (`pairs`, in judging order) and the journal."""
+
+    data: BeirData
+    candidates: dict[str, str]
+    queries: dict[str, str]
+    docs: dict[str, str]
+    runs: dict[str, dict]
+    pairs: list[tuple[str, str]]
+    journal: Journal
+
+
+def judging_queries(data: BeirData, config: JudgeConfig) -> dict[str, str]:
+    """The queries that may be judged: the lines of `queries_file` (ids `judged:<hash>`, stable across runs), else
+    the data's queries that no qrels file labels."""
+    if config.queries_file:
+        path = Path(config.queries_file)
+        if not path.is_file():
+            raise DataError(path, None, "no such file", "pass a text file with one query a line")
+        found = {f"judged:{hashlib.sha256(t.encode()).hexdigest()[:12]}": t
+                 for _, line in read_lines(path) if (t := " ".join(line.split()))}  # fmt: skip
+        if not found:
+            raise DataError(path, None, "no queries", "write one query a line")
+    else:
+        labelled = {q for qrels in data.qrels.values() for q in qrels}
+        found = {q: t for q, t in data.queries.items() if q not in labelled and t.strip()}
+        if not found:
+            raise DataError(data.path / "queries.jsonl", None, "every query already has a label: nothing to judge",
+                            "pass queries_file= with real queries, one a line")  # fmt: skip
+    return dict(sorted(found.items()))
+
+
+def pool_runs(data: BeirData, queries: dict[str, str], config: JudgeConfig) -> dict[str, dict]:
+    """Each system's top `pool_k`: the base model, the fine-tuned one once notebook 03 trained it on this data,
+    BM25, and the RRF hybrid of each dense system with BM25."""
+    import gc
+
+    from .encode import corpus_embeddings
+    from .evaluate import dense_systems
+    from .models import load_embedder
+    from .search import bm25_search, dense_run, fuse
+
+    runs = {"bm25": bm25_search(queries, data.doc_texts(config.doc_template), config.pool_k, config.bm25_stopwords)}
+    for name, path in dense_systems(config).items():
+        model = load_embedder(path)
+        doc_emb = corpus_embeddings(model, path, data, config.run_dir, config.doc_template, config.batch_size)
+        runs[name] = dense_run(model, queries, doc_emb, list(data.corpus), config.instruction, config.pool_k,
+                               config.batch_size)  # fmt: skip
+        runs[f"hybrid ({name})"] = fuse([runs[name], runs["bm25"]], "rrf")
+        del model, doc_emb  # one model in memory at a time
+        gc.collect()
+    return runs
+
+
+def contributions(runs: dict[str, dict], pairs: list[tuple[str, str]], k: int) -> dict[str, dict[str, int]]:
+    """Per system: the pooled pairs in its top k, and those no other system has in its top k (what pooling it
+    adds)."""
+    tops = {name: {(q, d) for q, ranked in run.items() for d in sorted(ranked, key=ranked.get, reverse=True)[:k]}
+            for name, run in runs.items()}  # fmt: skip
+    pooled, found = set(pairs), {}
+    for name, top in tops.items():
+        others = set().union(*(t for n, t in tops.items() if n != name))
+        found[name] = {"in its top k": len(top & pooled), "found by no other system": len(top & pooled - others)}
+    return found
+
+
+def start(config: JudgeConfig) -> Judging:
+    """A seeded sample of `max_queries` candidates, their pool and the journal (`run_dir/judged/grades.tsv`),
+    resumed where it stopped."""
+    data = load_beir(config.data_dir, limits="off")
+    candidates = judging_queries(data, config)
+    ids = list(candidates)
+    if config.max_queries and len(ids) > config.max_queries:
+        ids = sorted(random.Random(config.seed).sample(ids, config.max_queries))
+    queries = {q: candidates[q] for q in ids}
+    runs = pool_runs(data, queries, config)
+    pairs = pool(runs, ids, config.pool_k, config.seed)
+    docs = data.doc_texts(config.doc_template)
+    return Judging(data, candidates, queries, {d: docs[d] for _, d in pairs}, runs, pairs,
+                   Journal(RunDir(config.run_dir).judged / "grades.tsv"))  # fmt: skip
+
+
+def read_grades(path: str | Path, queries: dict, corpus: dict) -> dict[str, dict[tuple[str, str], int]]:
+    """{judge: grades} from a file: a grades.tsv this notebook wrote (its judges kept), or three columns
+    `query-id corpus-id grade` (a person's). Every line is checked: ids among these queries and documents, grades
+    0-3. Grades of queries outside the sample being pooled are taken too, if they may be judged."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "no such file", "pass the grades TSV (query-id, corpus-id, grade)")
+    lines = list(read_lines(path))
+    header = [h.strip() for h in lines[0][1].split("\t")] if lines else []
+    journal = header == HEADER.strip().split("\t")
+    if not journal and header not in (["query-id", "corpus-id", "grade"], ["query-id", "corpus-id", "score"]):
+        raise DataError(path, 1, f"header is {header!r}",
+                        "start with query-id<TAB>corpus-id<TAB>grade, or pass a grades.tsv of notebook 00 as it is")
+    valid = {*map(str, GRADES), *(("skip", "undo") if journal else ())}
+    grades = {}
+    for number, line in lines[1:]:
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) != (5 if journal else 3):
+            raise DataError(path, number, f"{len(fields)} tab-separated columns, expected {5 if journal else 3}",
+                            "write query-id<TAB>corpus-id<TAB>grade")  # fmt: skip
+        q, d, g = fields[:3]
+        if q not in queries:
+            raise DataError(path, number, f"query-id {q!r} is not a query to judge (not in queries_file, or "
+                            "labelled in the data already)", "check queries_file, or remove the line")  # fmt: skip
+        if d not in corpus:
+            raise DataError(path, number, f"corpus-id {d!r} is not in the corpus", "remove the line")
+        if g not in valid:
+            raise DataError(path, number, f"grade {g!r} is not one of {', '.join(sorted(valid))}",
+                            f"grade 0-3: {'; '.join(f'{k} {v}' for k, v in GRADES.items())}")  # fmt: skip
+        if not journal:
+            grades[(q, d)] = int(g)  # a later line wins, as in the journal
+    if journal:
+        read = Journal(path)
+        return {who: read.grades(who) for who in read.judges()}
+    return {"person": grades}
+
+
+def take_grades(judging: Judging, path: str | Path) -> int:
+    """Add a file's grades to the journal (those it does not hold already); returns how many were added."""
+    added = 0
+    for judge, grades in read_grades(path, judging.candidates, judging.data.corpus).items():
+        held = judging.journal.grades(judge)
+        for (q, d), g in grades.items():
+            if held.get((q, d)) != g:
+                judging.journal.grade(q, d, g, judge)
+                added += 1
+    return added
+
+
+def judge_with_llm(judging: Judging, config: JudgeConfig, generator=None) -> dict:
+    """Grade the whole pool with the LLM `generator_model` (judge `llm:<name>`); resumable like the journal."""
+    from .generators import UNSUPERVISED, GeneratorError
+    from .synthetic import SynthConfig, make_generator
+
+    if not config.generator_model or config.generator_model in UNSUPERVISED:
+        raise GeneratorError(f'judge="llm" needs an LLM in generator_model (openai:<model> or a causal LM), not '
+                             f"{config.generator_model!r}")  # fmt: skip
+    if generator is None:
+        generator = make_generator(SynthConfig(data_dir=config.data_dir, run_dir=config.run_dir,
+                                               base_model=config.base_model, generator_model=config.generator_model,
+                                               temperature=0.0))  # fmt: skip
+    return llm_judge(generator, judging.pairs, judging.queries, judging.docs, judging.journal,
+                     f"llm:{config.generator_model}")  # fmt: skip
+
+
+def decide(journal: Journal, min_kappa: float) -> tuple[dict[tuple[str, str], int], dict]:
+    """(grades, report): the grades the qrels are made of. A person's grade (any judge not named `llm:...`) stands
+    over an LLM's; an LLM judge whose weighted kappa with the people's grades is under `min_kappa`, on at least
+    MIN_PAIRS_FOR_AGREEMENT pairs both judged, is left out."""
+    people: dict[tuple[str, str], int] = {}
+    for judge in journal.judges():
+        if not judge.startswith("llm:"):
+            people.update(journal.grades(judge))
+    merged: dict[tuple[str, str], int] = {}
+    report = {"grades": {j: len(journal.grades(j)) for j in journal.judges()}, "agreement": {}, "left_out": []}
+    for judge in journal.judges():
+        if judge.startswith("llm:"):
+            agree = report["agreement"][judge] = agreement(people, journal.grades(judge))
+            if agree["pairs"] >= MIN_PAIRS_FOR_AGREEMENT and agree["kappa"] < min_kappa:
+                report["left_out"].append(judge)
+            else:
+                merged.update(journal.grades(judge))
+    merged.update(people)
+    return merged, report
+
+
+def write_judged(judging: Judging, config: JudgeConfig) -> dict:
+    """Write `run_dir/judged/`: queries.jsonl (judged queries the data's file lacks, first: the qrels name them),
+    then qrels/dev.tsv and test.tsv; a split left empty is removed. Returns what was written, also as stats.json."""
+    from .files import write_json, write_text
+
+    grades, report = decide(judging.journal, config.min_kappa)
+    grades = {(q, d): g for (q, d), g in grades.items() if q in judging.candidates and d in judging.data.corpus}
+    qrels = to_qrels(grades, config.dev_share, config.seed)
+    folder = RunDir(config.run_dir).judged
+    extra = sorted(q for split in qrels.values() for q in split if q not in judging.data.queries)
+    if extra:
+        write_text(folder / "queries.jsonl", "".join(json.dumps({"_id": q, "text": judging.candidates[q]},
+                                                                ensure_ascii=False) + "\n" for q in extra))
+    else:
+        (folder / "queries.jsonl").unlink(missing_ok=True)
+    for split, rows in qrels.items():
+        if rows:
+            write_qrels(folder / "qrels" / f"{split}.tsv", rows)
+        else:
+            (folder / "qrels" / f"{split}.tsv").unlink(missing_ok=True)
+    graded = {q for q, _ in grades}
+    stats = {**report, "queries": len(judging.queries), "pairs": len(judging.pairs),
+             "queries_graded": len(graded), "without_relevant": len(graded) - sum(map(len, qrels.values())),
+             "dev": len(qrels["dev"]), "test": len(qrels["test"])}  # fmt: skip
+    write_json(folder / "stats.json", stats)
+    return stats
+
+
+def plot_grades(journal: Journal, path=None):
+    """Bar chart of how many pairs each judge gave each grade; saved as PNG when `path` is given. Returns the
+    figure (a bare matplotlib Figure: the library never changes the notebook's plotting backend)."""
+    from matplotlib.figure import Figure
+
+    from .files import atomic_path
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    judges = journal.judges() or ["person"]
+    width = 0.8 / len(judges)
+    for i, judge in enumerate(judges):
+        counts = [list(journal.grades(judge).values()).count(g) for g in GRADES]
+        bars = ax.bar([g + i * width - 0.4 + width / 2 for g in GRADES], counts, width, label=judge)
+        ax.bar_label(bars, fontsize=7, padding=2)
+    ax.set_xticks(list(GRADES), [f"{g}\n{name}" for g, name in GRADES.items()], fontsize=7)
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    return fig

@@ -25,6 +25,7 @@ from .rundir import (
     check_outputs,
     data_fingerprint,
     fingerprint,
+    judged_dev_fingerprint,
     last_complete_checkpoint,
     make_manifest,
     model_fingerprint,
@@ -57,7 +58,7 @@ def pointwise_rows(config: RerankConfig) -> dict[str, list]:
         raise FileNotFoundError(f"{negatives} is missing: run notebook 02 (hard negatives) first")
     if not run.current("hard_negatives", data=data_fingerprint(config.data_dir)):
         raise FileNotFoundError(f"{negatives} was mined from other data: run notebook 02 again first")
-    data = load_beir(config.data_dir, limits="off")
+    data = load_beir(config.data_dir, limits="off", run_dir=config.run_dir)
     labels = training_labels(data, config.run_dir, config.split_overlap)
     train_qrels, _ = split_train_dev(data, labels, config.seed, config.dev_fraction)
     columns = {"query": [], "document": [], "label": []}
@@ -100,7 +101,8 @@ def train_reranker(config: RerankConfig) -> dict:
     check_outputs(config.run_dir, reranker_model=base, data_dir=config.data_dir)
     dataset = Dataset.from_dict(pointwise_rows(config))
     inputs = {"data": data_fingerprint(config.data_dir), "reranker_model": model_fingerprint(base),
-              "hard_negatives": fingerprint(run.manifest("hard_negatives"))}  # fmt: skip
+              "hard_negatives": fingerprint(run.manifest("hard_negatives")),
+              "judged_dev": judged_dev_fingerprint(config.run_dir)}  # fmt: skip
     shaping = {k: v for k, v in asdict(config).items() if k not in ("data_dir", "run_dir", "base_model", "reuse",
                                                                       "rerank_top_k", "rerank_max_length",
                                                                       "split")}  # fmt: skip

@@ -4,7 +4,10 @@ Inputs are checked first (data layout, model folders or hub), so a bad input cos
 and leaves nothing behind. Executed notebooks are saved under `RUN/notebooks/`.
 
     python -m embtune.run_all --data DIR --model NAME_OR_DIR --run DIR [--generator G] [--reranker R] \
-        [--until NN] [--param NAME=VALUE ...]
+        [--judgements GRADES.tsv] [--until NN] [--param NAME=VALUE ...]
+
+Notebook 00 (judging) runs only with grades to take in (`--judgements`, notebook 00's `grades_file`) or an LLM
+judge (`--param judge=llm`); a person judges in Jupyter, and the later notebooks read the judgements it wrote.
 
 `--param` sets any notebook parameter (a Python literal, else a string) in every notebook that declares it,
 e.g. `--param epochs=1 --param min_cosine=None`; `make run-all PARAMS="epochs=1 min_cosine=None"` does the same.
@@ -54,6 +57,11 @@ def preflight(args: argparse.Namespace) -> tuple[dict, dict[str, bool]]:
               "base_model": resolve(args.model, "MODEL")}  # fmt: skip
     if args.reranker:
         params["reranker_model"] = resolve(args.reranker, "RERANKER")
+    if args.judgements:
+        if not Path(args.judgements).is_file():
+            raise DataError(args.judgements, None, "no such file", "JUDGEMENTS is a grades TSV: query-id<TAB>corpus-id"
+                            "<TAB>grade, or a grades.tsv of notebook 00")  # fmt: skip
+        params["grades_file"] = str(Path(args.judgements).resolve())
     if args.generator:
         local = args.generator not in UNSUPERVISED and not args.generator.startswith("openai:")
         params["generator_model"] = resolve(args.generator, "GENERATOR") if local else args.generator
@@ -67,9 +75,11 @@ def preflight(args: argparse.Namespace) -> tuple[dict, dict[str, bool]]:
         raise DataError(Path(args.data) / "qrels" / "train.tsv", None, "no training labels",
                         "add them, or let notebook 01 write synthetic queries: GENERATOR=ict needs no LLM "
                         "(or GENERATOR=openai:<model> with OPENAI_BASE_URL, or a local causal LM folder)")  # fmt: skip
+    judging = bool(params.get("grades_file")) or params.get("judge") == "llm"
+    judged = any((RunDir(run).judged / "qrels" / f"{s}.tsv").exists() for s in ("test", "dev"))
     conditions = {"generator_model": bool(params.get("generator_model")),
-                  "reranker_model": bool(params.get("reranker_model")),
-                  "labelled_split": any(s in data.qrels for s in ("test", "dev"))}  # fmt: skip
+                  "reranker_model": bool(params.get("reranker_model")), "judgements": judging,
+                  "labelled_split": any(s in data.qrels for s in ("test", "dev")) or judging or judged}  # fmt: skip
     return params, conditions
 
 
@@ -80,7 +90,8 @@ def skip_reason(path: Path, conditions: dict[str, bool]) -> str | None:
 
     gate = nbformat.read(path, as_version=4).metadata.get("embtune", {}).get("skip_unless")
     return {"generator_model": "no GENERATOR", "reranker_model": "no RERANKER",
-            "labelled_split": "no test or dev labels in DATA to evaluate on"}[gate] \
+            "judgements": "no JUDGEMENTS file and no LLM judge: a person judges in Jupyter",
+            "labelled_split": "no test or dev labels in DATA or judged in notebook 00 to evaluate on"}[gate] \
         if gate and not conditions[gate] else None  # fmt: skip
 
 
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run directory the notebooks share (RUN)")
     parser.add_argument("--generator", default="", help="query generator for notebook 01 (GENERATOR)")
     parser.add_argument("--reranker", default="", help="reranker for notebook 06 (RERANKER)")
+    parser.add_argument("--judgements", default="", help="grades TSV for notebook 00 (JUDGEMENTS)")
     parser.add_argument(
         "--limits",
         default="warn",

@@ -2,6 +2,7 @@
 one may be reused.
 
     RUN/
+      judged/           00  grades.tsv (the journal of who judged what), qrels/dev.tsv and test.tsv, queries.jsonl
       synthetic/        01  queries.jsonl, qrels/train.tsv, generations.jsonl (the journal), stats.json
       hard_negatives/   02  train.jsonl, stats.json
       cache/            corpus-<key>.npy: the corpus embedded once per model, data and template
@@ -62,6 +63,7 @@ class RunDir:
         self.reranker_model = self.reranker / "model"
         self.notebooks = self.root / "notebooks"
         self.manifests = self.root / "manifests"
+        self.judged = self.root / "judged"
 
     def __repr__(self):
         return f"RunDir({str(self.root)!r})"
@@ -134,17 +136,29 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(data_dir: str | Path) -> str:
-    """Changes when any file of the data folder does (contents hashed: ids reused across data sets do not fool it)."""
-    root = Path(data_dir)
+def _files_fingerprint(root: Path, paths: list[Path]) -> str:
     h = hashlib.sha256()
-    for path in sorted([*root.glob("corpus.jsonl*"), root / "queries.jsonl", *root.glob("qrels/*.tsv")]):
+    for path in sorted(paths):
         if path.is_file():
             h.update(str(path.relative_to(root)).encode())
             with open(path, "rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:16]
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """Changes when any file of the data folder does (contents hashed: ids reused across data sets do not fool it)."""
+    root = Path(data_dir)
+    return _files_fingerprint(root, [*root.glob("corpus.jsonl*"), root / "queries.jsonl", *root.glob("qrels/*.tsv")])
+
+
+def judged_dev_fingerprint(run_dir: str | Path) -> str | None:
+    """Changes when notebook 00's judged dev queries do (what the dev choices of notebooks 03 and 06 read); None
+    without them. Judged test queries are left out: judging more of them later changes no trained model."""
+    judged = RunDir(run_dir).judged
+    dev = judged / "qrels" / "dev.tsv"
+    return _files_fingerprint(judged, [dev, judged / "queries.jsonl"]) if dev.exists() else None
 
 
 def corpus_fingerprint(corpus: dict[str, dict[str, str]]) -> str:

@@ -31,19 +31,22 @@ from .generators import (
     judge_prompt,
     parse_queries,
     parse_score,
+    prose,
 )
 from .rundir import RunDir, data_fingerprint, make_manifest, model_fingerprint
 
 FILTERS = ("length", "cosine", "round_trip", "judge", "duplicate")  # in the order they run
-METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (no LLM)"}
+METHODS = {"ict": "inverse cloze task (no LLM)", "crop": "independent cropping (no LLM)",
+           "prose": "prose inside code (no LLM)"}
 
 
 @dataclass(kw_only=True)
 class SynthConfig(StepConfig, Reuse, PromptConfig):
     # base_model is the embedder of the cosine and round-trip filters
-    generator_model: str = ""  # "" (nothing to do) | ict | crop | openai:<model> | a causal LM folder, hub name, .gguf
+    # "" (nothing to do) | ict | crop | prose (code) | openai:<model> | a causal LM folder, hub name, .gguf
+    generator_model: str = ""
     # A seeded sample of the corpus; None: every document. "auto": 1,000 for an LLM (time, tokens); 5,000 for
-    # ict/crop, which cost nothing to generate (the filters and the training still take their time).
+    # ict/crop/prose, which cost nothing to generate (the filters and the training still take their time).
     max_documents: int | str | None = "auto"
     batch_size: int = 16  # documents per batch (and per journal write)
     trust_remote_code: bool = False  # for a local generator whose code lives in its folder; only if you trust it
@@ -125,7 +128,7 @@ def _candidates(doc_id, data, config, generator, rng, reply):
     """(query, view, form) for each query of one document: from the reply, or by ICT/cropping without an LLM."""
     n = config.queries_per_doc
     if generator is None:
-        method = ict if config.generator_model == "ict" else crop
+        method = {"ict": ict, "crop": crop, "prose": prose}[config.generator_model]
         made = [method(data.corpus[doc_id], rng) for _ in range(n)]
         return [m for m in made if m]
     return [(q, None, "llm") for q in parse_queries(reply)[:n]]

@@ -37,6 +37,7 @@ from .rundir import (
     check_outputs,
     data_fingerprint,
     fingerprint,
+    judged_dev_fingerprint,
     last_complete_checkpoint,
     make_manifest,
     model_fingerprint,
@@ -102,13 +103,15 @@ def fit_memory(config: TrainConfig, dataset) -> TrainConfig:
 
 
 def inputs(config: TrainConfig, labels: TrainingLabels) -> dict[str, str | None]:
-    """Fingerprints of what training reads: the data, the base model, notebook 01's synthetic queries and notebook
-    02's hard negatives when it uses them (mined from this data and these synthetic queries)."""
+    """Fingerprints of what training reads: the data, the base model, notebook 00's judged dev queries, notebook 01's
+    synthetic queries and notebook 02's hard negatives when it uses them (mined from this data and these synthetic
+    queries)."""
     from .models import resolve
 
     run = RunDir(config.run_dir)
     found = {"data": data_fingerprint(config.data_dir), "base_model": model_fingerprint(resolve(config.base_model)),
-             "synthetic": fingerprint(run.manifest("synthetic")) if labels.uses_synthetic else None}  # fmt: skip
+             "synthetic": fingerprint(run.manifest("synthetic")) if labels.uses_synthetic else None,
+             "judged_dev": judged_dev_fingerprint(config.run_dir)}  # fmt: skip
     mined = run.hard_negatives.exists() and run.current("hard_negatives", data=found["data"],
                                                          synthetic=found["synthetic"])  # fmt: skip
     if run.hard_negatives.exists() and not mined:
@@ -233,7 +236,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> Trainin
 
     check_outputs(config.run_dir, base_model=resolve(config.base_model), data_dir=config.data_dir)
     set_seed(config.seed)  # before the model is built: LoRA's initial weights are drawn then
-    data = load_beir(config.data_dir, limits="off")
+    data = load_beir(config.data_dir, limits="off", run_dir=config.run_dir)
     labels = training_labels(data, config.run_dir, config.split_overlap)
     train_qrels, dev_qrels = split_train_dev(data, labels, config.seed, config.dev_fraction)
     run = RunDir(config.run_dir)
