@@ -148,3 +148,31 @@ def test_dev_is_sized_to_decide_and_never_starves_training():
 
     assert [dev_size(n) for n in (30, 100, 288, 809, 5000)] == [0, 25, 50, 121, 300]
     assert dev_size(809, 0.1) == 80  # dev_fraction forces it
+
+
+def test_legal_but_wrong_input_is_warned_of_counted_and_kept_out_of_training(tmp_path):
+    """Empty queries and documents (one a train positive), a query that is its positive's very text, a dev split
+    too small to choose on: each gets a warning naming it; the empty ones and their pairs stay out of training."""
+    from embtune.data import split_train_dev, training_labels
+
+    docs = [{"_id": f"d{i}", "title": "", "text": f"document number {i}"} for i in range(40)]
+    docs[3]["text"] = " "  # empty title and text, and the positive of q3
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(40)]
+    queries[5]["text"] = ""
+    queries[7]["text"] = "Document number 7."  # the positive's text, up to case and punctuation
+    train = "".join(f"q{i}\td{i}\t1\n" for i in range(20))
+    dev = "".join(f"q{i}\td{i}\t1\n" for i in range(20, 40))
+    folder = write_beir(tmp_path / "data", "\n".join(map(json.dumps, docs)), "\n".join(map(json.dumps, queries)),
+                        {"train": "query-id\tcorpus-id\tscore\n" + train, "dev": "query-id\tcorpus-id\tscore\n" + dev})
+    with pytest.warns(UserWarning, match=r"1 empty queries \(q5\); 1 empty documents \(d3\): left out of training"):
+        data = load_beir(folder, limits="off")
+    assert data.empty() == {"queries": ["q5"], "documents": ["d3"]}
+    with pytest.warns(UserWarning) as caught:
+        labels = training_labels(data, tmp_path / "run")
+        split_train_dev(data, labels)
+    said = [str(w.message) for w in caught]
+    assert any("2 training pairs with an empty query or document left out" in m for m in said), said
+    assert any("1 training queries are the very text of their positive (q7)" in m for m in said), said
+    assert any("only 20 dev queries" in m and "noise under 30" in m for m in said), said
+    assert "q3" not in labels.qrels and "q5" not in labels.qrels and len(labels.qrels) == 18
+    assert labels.labelled == set(labels.qrels)

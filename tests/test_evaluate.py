@@ -316,5 +316,7 @@ def test_judged_coverage_and_condensed_lists_by_hand():
     assert not any("warning" in row for row in sparse.values()) and sparse["B"]["judged@10"] == 0.1
     report = report_markdown({"data_dir": "d", "split": "test", "n_queries": 2, "n_docs": 9, "instruction": None,
                               "systems": {"base": score(qrels, runs["A"]), "finetuned": score(qrels, runs["B"])},
-                              "judged": {"base": got["A"], "finetuned": got["B"]}})  # fmt: skip
+                              "judged": {"base": got["A"], "finetuned": got["B"]},
+                              "empty_texts": {"queries": 1, "documents": 3}})  # fmt: skip
     assert "| finetuned | 10% | 0.5655 | 1.0000 |" in report and '<span style="color:red">B: only 10%' in report
+    assert "**Empty texts** (left out of training; they score 0 here): 1 queries, 3 documents." in report

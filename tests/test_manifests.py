@@ -41,7 +41,8 @@ def test_the_run_directory_has_the_documented_layout(tmp_path):
               "checkpoints": "checkpoints", "adapter": "adapter", "finetuned": "finetuned", "model": "model",
               "train_log": "train_log.json", "mrl": "mrl.json", "metrics": "metrics.json", "report": "report.md",
               "reranker": "reranker", "reranker_model": "reranker/model", "notebooks": "notebooks",
-              "manifests": "manifests", "judged": "judged"}  # fmt: skip
+              "manifests": "manifests", "judged": "judged",
+              "memory_plan": "memory_plan.txt"}  # fmt: skip
     assert {k: str(v.relative_to(tmp_path)) for k, v in vars(run).items() if k != "root"} == layout
     assert run.root == tmp_path and repr(run) == f"RunDir({str(tmp_path)!r})"
 

@@ -75,11 +75,23 @@ class TestTinyRun:
                              "Jupyter)", "01_synthetic_queries.ipynb: skipped (no GENERATOR)",
                              *[f"{n}.ipynb" for n in ORDER[2:]]]  # fmt: skip
         assert all(f"   {n}.ipynb: " in result.stdout for n in ORDER[2:])  # each notebook's seconds
-        assert sorted(p.name for p in (run / "notebooks").iterdir()) == [f"{n}.ipynb" for n in ORDER[2:]]
+        assert sorted(p.name for p in (run / "notebooks").glob("*.ipynb")) == [f"{n}.ipynb" for n in ORDER[2:]]
+        assert (run / "notebooks" / "kernels.log").exists() and not (run / ".previous").exists()
+        assert not (run / ".lock").exists()
         tail = result.stdout.split("done: ", 1)[1]
         assert "test split, 120 queries" in tail and "system" in tail and "finetuned+tuned_rerank" in tail
         assert f"report: {run / 'report.md'}" in tail and f"executed notebooks: {run / 'notebooks'}" in tail
         assert "WARNING" not in result.stderr, result.stderr[-2000:]  # e.g. ipykernel's TCP warning per notebook
+
+    def test_a_bad_option_value_runs_nothing_and_leaves_the_finished_run_as_it_was(self, tiny_run, tiny_models):
+        run, _ = tiny_run
+        finished = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+        args = ["--data", str(SAMPLES / "manpages_zh"), "--model", str(tiny_models[0]), "--run", str(run)]
+        done = run_all(*args, "--param", "epochs=0")
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            "error: epochs=0 is not allowed: expected a number above 0 (a parameter of 03_train.ipynb); nothing was "
+            "run"]
+        assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == finished
 
     def test_every_promised_plot_shows_in_the_notebook(self, tiny_run):
         run, _ = tiny_run

@@ -375,6 +375,9 @@ def test_resume_continues_from_the_checkpoint_to_the_uninterrupted_model(tmp_pat
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=0)
     assert log["loss_curve"] == json.loads((whole / "train_log.json").read_text())["loss_curve"]
+    # one dev evaluation per step, as the uninterrupted run logs them (the resumed one evaluates step 4 again)
+    assert [p["step"] for p in log["eval_curve"]] == [0, 4, 8, 12]
+    assert [p["step"] for p in json.loads((whole / "train_log.json").read_text())["eval_curve"]] == [0, 4, 8, 12]
 
 
 GATHER = """

@@ -91,6 +91,13 @@ class BeirData:
             if any(s > 0 for s in docs.values())
         }
 
+    def empty(self) -> dict[str, list[str]]:
+        """Ids of the queries with empty text and of the documents with empty title and text: legal, almost
+        certainly a mistake; left out of training, and they score 0 in evaluation."""
+        return {"queries": sorted(q for q, t in self.queries.items() if not t.strip()),
+                "documents": sorted(d for d, doc in self.corpus.items()
+                                    if not doc["text"].strip() and not doc.get("title", "").strip())}  # fmt: skip
+
     def eval_split(self) -> str:
         """The split evaluation uses: `test`, else `dev`."""
         for split in ("test", "dev"):
@@ -255,6 +262,12 @@ def load_beir(path: str | Path, limits: str = "warn", run_dir: str | Path | None
     if run_dir is not None:
         add_judged(data, RunDir(run_dir).judged)
     check_limits(data, limits)
+    empty = data.empty()
+    if empty["queries"] or empty["documents"]:
+        listed = "; ".join(f"{len(ids)} empty {what} ({', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''})"
+                           for what, ids in empty.items() if ids)  # fmt: skip
+        warnings.warn(f"{path}: {listed}: left out of training, they score 0 in evaluation; fill in or remove them",
+                      stacklevel=2)  # fmt: skip
     return data
 
 
@@ -334,7 +347,28 @@ def training_labels(data: BeirData, run_dir: str | Path, split_overlap: str = "e
             qrels[key] = {d: s for d, s in docs.items() if s > 0}
             if rows[qid]["view_text"]:
                 views[key] = {"title": rows[qid]["view_title"], "text": rows[qid]["view_text"]}
-    return TrainingLabels(queries, qrels, views, set(labelled))
+    return _sound(data, TrainingLabels(queries, qrels, views, set(labelled)))
+
+
+def _sound(data: BeirData, labels: TrainingLabels) -> TrainingLabels:
+    """Training pairs without empty texts (left out, counted), and a warning for queries that are their positive's
+    text: such a pair teaches the model nothing but to match identical strings."""
+    empty = set(data.empty()["documents"])
+    kept, dropped, same = {}, 0, []
+    for q, docs in labels.qrels.items():
+        good = {d: s for d, s in docs.items() if d not in empty} if labels.queries.get(q, "").strip() else {}
+        dropped += len(docs) - len(good)
+        if good:
+            kept[q] = good
+        same += [q for d in good if q not in labels.views
+                 and normalize_text(labels.queries[q]) == normalize_text(format_doc(data.corpus[d]))]  # fmt: skip
+    if dropped:
+        warnings.warn(f"{data.path}: {dropped} training pairs with an empty query or document left out", stacklevel=3)
+    if same:
+        warnings.warn(f"{data.path}: {len(same)} training queries are the very text of their positive ("
+                      f"{', '.join(same[:3])}{' ...' if len(same) > 3 else ''}): they teach nothing but copying; "
+                      "check how the queries were made", stacklevel=3)  # fmt: skip
+    return TrainingLabels(labels.queries, kept, labels.views, labels.labelled & set(kept))
 
 
 def check_limits(data: BeirData, mode: str = "warn") -> list[str]:
@@ -387,8 +421,18 @@ def split_train_dev(data: BeirData, labels: TrainingLabels, seed: int = 42, dev_
             "add training labels or run notebook 01 first (GENERATOR=ict needs no LLM)",
         )
     if "dev" in data.qrels:
-        return labels.qrels, data.relevant("dev")
+        return labels.qrels, _enough(data.relevant("dev"))
     pool = sorted(labels.labelled) if dev_size(len(labels.labelled), dev_fraction) else sorted(labels.qrels)
     random.Random(seed).shuffle(pool)
     dev_ids = set(pool[: dev_size(len(pool), dev_fraction)])
-    return {q: d for q, d in labels.qrels.items() if q not in dev_ids}, {q: labels.qrels[q] for q in dev_ids}
+    return {q: d for q, d in labels.qrels.items() if q not in dev_ids}, _enough({q: labels.qrels[q] for q in dev_ids})
+
+
+MIN_DEV_QUERIES = 30  # below this, the dev choices (checkpoint, slerp t, fusion weight) follow noise
+
+
+def _enough(dev: dict) -> dict:
+    if 0 < len(dev) < MIN_DEV_QUERIES:
+        warnings.warn(f"only {len(dev)} dev queries: the choices made on them (checkpoint, merge, fusion weight) are "
+                      f"noise under {MIN_DEV_QUERIES}; label or judge more (notebook 00)", stacklevel=3)  # fmt: skip
+    return dev

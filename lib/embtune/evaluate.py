@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import DevSplit, StepConfig, TrainingData
+from .config import DevSplit, Rule, StepConfig, TrainingData, at_least, one_of
 from .encode import WEB_SEARCH_TASK, corpus_embeddings, encode, query_prompt
 from .rundir import RunDir, data_fingerprint, model_fingerprint
 from .search import dense_run
@@ -41,6 +41,12 @@ class EvalConfig(StepConfig, TrainingData, DevSplit):
     rerank_max_length: int = 1024  # tokens of instruction + query + document the reranker reads
     general_sts: str | None = "auto"  # the general-skill check: "auto" the bundled STS sample, a file, None off
     general_drop: float = 5.0  # warn when the shipped model loses more Spearman points (x100) than this
+
+    RULES = {"split": one_of("test", "dev"), "top_k": at_least(1), "batch_size": at_least(1),
+             "significance_test": one_of("student", "fisher"), "limits": one_of("error", "warn", "off"),
+             "hybrid_weights": Rule(lambda v: len(v) == 2 and min(v) >= 0 < sum(v), "two weights (dense, BM25), "
+                                    "not negative, not both 0"),
+             "rerank_top_k": at_least(1), "rerank_max_length": at_least(16), "general_drop": at_least(0)}  # fmt: skip
 
 
 def dense_systems(config: StepConfig) -> dict[str, str]:
@@ -230,8 +236,8 @@ def judged_coverage(judgements: dict[str, dict[str, int]], qrels: dict, runs: di
         out[name] = {f"judged@{k}": share, "ndcg@10 judged only": score(qrels, condensed, ["ndcg@10"])["ndcg@10"]}
         if pooled and share < MIN_JUDGED:
             out[name]["warning"] = (f"{name}: only {share:.0%} of its top {k} is judged, so its NDCG@10 counts most "
-                                    "of what it retrieves as not relevant: judge its new documents (add their grades "
-                                    "to the split's qrels) before comparing it")  # fmt: skip
+                                    "of what it retrieves as not relevant: judge its new documents (run notebook 00 "
+                                    "again: they join the pools) before comparing it")  # fmt: skip
     return out
 
 
@@ -396,7 +402,7 @@ def metrics_record(config: EvalConfig, split: str, n_queries: int, n_docs: int, 
     """The run's `metrics.json`: what was scored, on what, and the numbers. `parts` adds the optional sections:
     "fusion" (two-stage weights chosen on dev), "general" (general skill kept), "errors" (the biggest losses with
     their documents), "matryoshka" (notebook 04's recommendation), "tasks" (classification, clustering, STS),
-    "judged" (how far the judgements measure each system)."""
+    "judged" (how far the judgements measure each system), "empty_texts" (queries and documents without text)."""
     record = {
         "split": split,
         "n_queries": n_queries,
@@ -513,6 +519,9 @@ def report_markdown(result: dict) -> str:
     lines = [f"# Retrieval evaluation: {result['data_dir']}", "",
              f"Split `{result['split']}`: {result['n_queries']:,} queries, {result['n_docs']:,} documents. "
              f"Instruction: {result['instruction'] or 'the model’s own query prompt'}.", ""]  # fmt: skip
+    if result.get("empty_texts"):
+        lines += ["**Empty texts** (left out of training; they score 0 here): " + ", ".join(
+            f"{n:,} {what}" for what, n in result["empty_texts"].items()) + ".", ""]  # fmt: skip
     lines += [f"- `{name}`: {path}" for name, path in result.get("models", {}).items()]
     table = systems_table(result)
     lines += ["", "| system | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]

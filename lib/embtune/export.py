@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .config import StepConfig
+from .config import StepConfig, at_least, each, one_of
 from .files import replace_dir, write_text
 from .llama_cpp import VERSION as LLAMA_CPP_PYTHON
 from .llama_cpp import NoLlamaCpp, converter, server_command, stage_tokenizer
@@ -63,6 +63,10 @@ class ExportConfig(StepConfig):
     served_model: str | None = None  # the `model` name that server expects (None: the model folder's path)
     rerank_url: str | None = None  # a running /rerank (TEI, Cohere-style) or /score (vLLM) endpoint to check
     batch_size: int = 16  # texts per request / forward pass in the parity check
+
+
+    RULES = {"formats": each(one_of(*FORMATS)), "gguf_outtype": one_of("f32", "f16", "bf16", "q8_0"),
+             "batch_size": at_least(1)}
 
 
 def export_dir(run_dir: str | Path) -> Path:

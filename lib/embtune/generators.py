@@ -20,6 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .config import at_least, each, one_of
 from .data import spaceless
 
 UNSUPERVISED = ("ict", "crop", "prose")
@@ -50,6 +51,9 @@ class PromptConfig:
     difficulties: list[str] = field(default_factory=lambda: list(DIFFICULTIES))
     language: str = SAME_LANGUAGE
     max_doc_chars: int = 4000  # the document is cut here in the prompt
+
+
+    RULES = {"queries_per_doc": at_least(1), "query_types": each(one_of(*QUERY_TYPES)), "max_doc_chars": at_least(1)}
 
 
 def build_prompt(document: str, config: PromptConfig, rng: random.Random) -> str:

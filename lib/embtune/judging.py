@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import StepConfig
+from .config import StepConfig, at_least, between, one_of
 from .data import BeirData, DataError, load_beir, read_lines
 from .rundir import RunDir
 
@@ -254,6 +254,10 @@ class JudgeConfig(StepConfig):
     min_kappa: float = 0.4  # an LLM judge agreeing less with people (weighted kappa) decides nothing
     bm25_stopwords: str | None = "en"  # None for languages without an English-like stop-word list
     batch_size: int = 32
+
+
+    RULES = {"max_queries": at_least(1), "pool_k": at_least(1), "judge": one_of("person", "llm"),
+             "dev_share": between(0, 1), "min_kappa": between(-1, 1), "batch_size": at_least(1)}
 
 
 @dataclass

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import POSITIVE, at_least, between, one_of
+
 QWEN_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL_MODEL_PARAMS = 300_000_000  # below this, full fine-tuning fits anywhere and LoRA only costs quality
 BACKENDS = ("auto", "unsloth", "peft")
@@ -31,6 +33,9 @@ class LoraOptions:
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(QWEN_TARGET_MODULES))
     gradient_checkpointing: bool | None = None  # None: the embedder's memory plan decides; else on with a GPU
+
+    RULES = {"backend": one_of(*BACKENDS), "quant": one_of(*QUANTS),
+             "lora_r": at_least(1), "lora_alpha": POSITIVE, "lora_dropout": between(0, 1, high_open=True)}
 
 
 @dataclass

@@ -14,7 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import Reuse, StepConfig, TrainingData
+from .config import POSITIVE, Reuse, StepConfig, TrainingData, at_least, between, one_of
 from .data import BeirData, TrainingLabels, normalize_text, training_labels
 from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
@@ -38,6 +38,12 @@ class MineConfig(StepConfig, Reuse, TrainingData):
     near_duplicate: float | None = 0.98  # drop a negative this similar (cosine) to the positive, or equal text
     bm25_stopwords: str | None = "en"  # None for languages bm25s has no stop-word list for
     batch_size: int = 32
+
+
+    RULES = {"candidates": one_of("dense", "bm25", "both"), "num_negatives": at_least(1), "range_min": at_least(0),
+             "range_max": at_least(1), "sampling": one_of("top", "random"), "relative_margin": POSITIVE,
+             "reranker_threshold": between(0, 1), "near_duplicate": between(0, 1, low_open=True),
+             "batch_size": at_least(1)}  # fmt: skip
 
 
 def training_pairs(data: BeirData, run_dir: str | Path, split_overlap: str = "error"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import StepConfig
+from .config import StepConfig, at_least, each, one_of
 from .encode import truncate
 from .evaluate import score
 from .search import dense_search
@@ -32,6 +32,10 @@ class MrlConfig(StepConfig):
     doc_counts: list[int] | None = None  # None: this corpus's size, 1,000,000 and 100,000,000
     rescore_multiplier: int = 4  # int8/binary + rescore: fetch 4 x 100 candidates, re-rank with the float query
     batch_size: int = 32
+
+
+    RULES = {"split": one_of("test", "dev"), "dims": each(at_least(1)), "tolerance": at_least(0),
+             "doc_counts": each(at_least(1)), "rescore_multiplier": at_least(1), "batch_size": at_least(1)}
 
 
 def dims_for(full: int, dims: list[int | None] | None = None) -> list[int]:

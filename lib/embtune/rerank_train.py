@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import DevSplit, Reuse, StepConfig, TrainingData
+from .config import POSITIVE, STEPS, DevSplit, Reuse, StepConfig, TrainingData, at_least, between, one_of
 from .data import load_beir, split_train_dev, training_labels
 from .files import replace_dir, write_json
 from .lora import LoraOptions, finish, load_reranker_for_training, plan
@@ -47,6 +47,12 @@ class RerankConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     rerank_top_k: int = 100  # dense candidates per query the rerankers re-score
     rerank_max_length: int = 1024  # tokens of instruction + query + document a reranker reads when scoring
     split: str | None = None  # evaluation split; None: "test", else "dev"
+
+
+    RULES = {"max_negatives": at_least(0), "max_length": at_least(16), "batch_size": at_least(1), "epochs": POSITIVE,
+             "max_steps": STEPS, "learning_rate": POSITIVE, "warmup_ratio": between(0, 1, high_open=True),
+             "save_steps": at_least(1), "rerank_top_k": at_least(1), "rerank_max_length": at_least(16),
+             "split": one_of("test", "dev")}  # fmt: skip
 
 
 def pointwise_rows(config: RerankConfig) -> dict[str, list]:

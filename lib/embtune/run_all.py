@@ -83,6 +83,23 @@ def preflight(args: argparse.Namespace) -> tuple[dict, dict[str, bool]]:
     return params, conditions
 
 
+def check_options(path: Path, params: dict) -> None:
+    """Build the notebook's step config (its metadata `embtune.config`) from its parameters cell's defaults and this
+    run's values, which checks every value (embtune.config.check_options): OptionError before any notebook runs."""
+    import importlib
+
+    import nbformat
+    import papermill as pm
+
+    config = nbformat.read(path, as_version=4).metadata.get("embtune", {}).get("config")
+    if not config:  # a notebook of your own, beside the series: its parameters are its business
+        return
+    module, name = config.split(":")
+    declared = pm.inspect_notebook(str(path))
+    values = {**{k: ast.literal_eval(v["default"]) for k, v in declared.items()}, **params}
+    getattr(importlib.import_module(module), name).from_params(values)
+
+
 def skip_reason(path: Path, conditions: dict[str, bool]) -> str | None:
     """Why a notebook has nothing to do in this run (its metadata `embtune.skip_unless` names the condition it
     needs, e.g. notebook 01 `generator_model`), or None to run it."""
@@ -95,30 +112,122 @@ def skip_reason(path: Path, conditions: dict[str, bool]) -> str | None:
         if gate and not conditions[gate] else None  # fmt: skip
 
 
-def clear_outputs(path: Path, run_dir: Path) -> None:
-    """Remove what the notebook writes (its metadata `embtune.outputs`, relative to the run directory) before it
-    runs, so that a failure never leaves an earlier run's results looking current. Resumable state (journals,
-    checkpoints) is not listed there and stays."""
-    import shutil
+class RunInUse(RuntimeError):
+    """Another run holds the run directory."""
 
+
+class RunLock:
+    """One run per folder: `RUN/.lock` holds the pid and start time of the run using it, for the run's life. The
+    lock of a process that is gone (killed) is taken over, with a line saying so."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        import json
+        import tempfile
+
+        record = json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".lock.", delete=False) as f:
+            f.write(record)
+        try:
+            while True:
+                try:
+                    os.link(f.name, self.path)  # the lock appears whole, holder and all, or not at all
+                    return self
+                except FileExistsError:
+                    try:
+                        holder = json.loads(self.path.read_text())
+                    except (FileNotFoundError, ValueError):
+                        continue
+                    if _alive(holder["pid"]):
+                        raise RunInUse(f"{self.path.parent} is in use by another run (pid {holder['pid']}, started "
+                                       f"{holder['started']}); wait for it to end, or pass another RUN") from None
+                    print(f"{self.path}: taking over the lock of a run that is gone (pid {holder['pid']}, started "
+                          f"{holder['started']})", flush=True)  # fmt: skip
+                    self.path.unlink(missing_ok=True)
+        finally:
+            os.unlink(f.name)
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class Previous:
+    """The last finished run's outputs that this run rebuilds, moved aside to `RUN/.previous/` as each notebook
+    starts: put back when this run does not finish, dropped when it does, so a finished run is only ever replaced
+    by a finished run. A run killed before either (kill -9 of `make run-all` itself) is put back when the next one
+    starts. Resumable state (journals, checkpoints) is never moved: a rerun resumes."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.root = run_dir, run_dir / ".previous"
+        self.index = self.root / "moved.json"
+
+    def moved(self) -> list[str]:
+        import json
+
+        return json.loads(self.index.read_text()) if self.index.exists() else []
+
+    def set_aside(self, relative: str) -> None:
+        from .files import write_json
+
+        source, moved = self.run_dir / relative, self.moved()
+        if not source.exists() or relative in moved:
+            return
+        write_json(self.index, [*moved, relative])  # first: a kill between the two leaves nothing unlisted
+        (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, self.root / relative)
+
+    def restore(self) -> bool:
+        """Put everything moved aside back in place (over what this run wrote there); whether there was any."""
+        import shutil
+
+        moved = self.moved()
+        for relative in reversed(moved):
+            kept, target = self.root / relative, self.run_dir / relative
+            if kept.exists():
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+                os.replace(kept, target)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return bool(moved)
+
+    def drop(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def set_aside_outputs(path: Path, previous: Previous) -> None:
+    """Before a notebook runs, move aside what it writes (its metadata `embtune.outputs` and `manifests`, and its
+    executed copy), so that a failure never leaves an earlier run's results looking current, and so that they can
+    be put back."""
     import nbformat
 
-    from .rundir import RunDir
-
     meta = nbformat.read(path, as_version=4).metadata.get("embtune", {})
-    for name in meta.get("outputs", []):
-        target = run_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    for artifact in meta.get("manifests", []):
-        RunDir(run_dir).forget(artifact)
+    for name in [*meta.get("outputs", []), *(f"manifests/{a}.json" for a in meta.get("manifests", [])),
+                 f"notebooks/{path.name}"]:  # fmt: skip
+        previous.set_aside(name)
 
 
-def _ipc_kernel_manager():
+def _ipc_kernel_manager(log: Path):
     """A kernel reached over local sockets in the temporary folder instead of TCP: nothing listens on a port, and
-    ipykernel has no "running over TCP without encryption" warning to print before every notebook."""
+    ipykernel has no "running over TCP without encryption" warning to print before every notebook. The kernel
+    process's own messages (not the cells' output, which the notebook keeps) go to `log`, so that a failure is the
+    one line `make run-all` prints."""
     import tempfile
 
     from jupyter_client.manager import AsyncKernelManager
@@ -127,12 +236,20 @@ def _ipc_kernel_manager():
         transport = "ipc"
         ip = os.path.join(tempfile.gettempdir(), f"embtune-kernel-{os.getpid()}")
 
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log, "a", encoding="utf-8") as stderr:  # the kernel holds its own copy of the descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": stderr})
+
     return IpcKernelManager
 
 
 def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
     """Execute one notebook with the parameters it declares; `.failed.ipynb` keeps a failed run's traceback."""
+    import logging
+
     import papermill as pm
+
+    logging.getLogger("papermill").setLevel(logging.CRITICAL)  # its "kernel died" and such: `run` says it in one line
 
     declared = pm.inspect_notebook(str(path))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +262,7 @@ def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
             cwd=str(path.parent),
             progress_bar=False,
             kernel_name="python3",
-            kernel_manager_class=_ipc_kernel_manager(),
+            kernel_manager_class=_ipc_kernel_manager(out_dir / "kernels.log"),
         )
     except BaseException:
         if partial.exists():
@@ -156,6 +273,10 @@ def run_notebook(path: Path, out_dir: Path, params: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # Ctrl-C interrupts, even when started from a shell that made its background jobs ignore it (CI, `cmd &`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="BEIR folder (DATA)")
     parser.add_argument("--model", required=True, help="base embedder: hub name or local folder (MODEL)")
@@ -175,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", default="", help="number of the last notebook to run, e.g. 05 (UNTIL)")
     parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of numbered notebooks")
     args = parser.parse_args(argv)
-
-    from papermill.exceptions import PapermillExecutionError
 
     from .data import DataError
     from .models import ModelNotFound
@@ -202,26 +321,72 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: no notebook has the parameter(s) {', '.join(unknown)}; check the spelling", file=sys.stderr)
         return 2
-    run_dir = Path(params["run_dir"])
-    out_dir = run_dir / "notebooks"
+    from .config import OptionError
+
     for path in paths:
-        reason = f"after UNTIL={args.until}" if args.until and path.name[:2] > args.until.zfill(2) else None
-        reason = reason or skip_reason(path, conditions)
-        if reason:
-            (out_dir / path.name).unlink(missing_ok=True)  # an earlier run's copy would claim it ran
-            print(f"== {path.name}: skipped ({reason})", flush=True)
-            continue
-        print(f"== {path.name}", flush=True)
-        clear_outputs(path, run_dir)
-        start = time.perf_counter()
         try:
-            run_notebook(path, out_dir, params)
-        except PapermillExecutionError as e:
-            failed = out_dir / f"{path.stem}.failed.ipynb"
-            print(f"error: {path.name} failed: {e.ename}: {e.evalue.splitlines()[0] if e.evalue else ''} "
-                  f"(the notebook with its traceback: {failed})", file=sys.stderr)  # fmt: skip
+            check_options(path, params)
+        except OptionError as e:
+            print(f"error: {e} (a parameter of {path.name}); nothing was run", file=sys.stderr)
             return 2
-        print(f"   {path.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    run_dir = Path(params["run_dir"])
+    try:
+        with RunLock(run_dir):
+            return run(paths, params, conditions, args.until, run_dir)
+    except RunInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(paths: list[Path], params: dict, conditions: dict, until: str, run_dir: Path) -> int:
+    """The notebooks in order, under the run's lock; every way of failing ends in one line and the last finished
+    run's outputs back in place."""
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    out_dir, previous = run_dir / "notebooks", Previous(run_dir)
+    if previous.restore():
+        print(f"{run_dir}: the last run was killed before it finished; its predecessor's outputs are back in place",
+              flush=True)  # fmt: skip
+    current = None
+    try:
+        for path in paths:
+            reason = f"after UNTIL={until}" if until and path.name[:2] > until.zfill(2) else None
+            reason = reason or skip_reason(path, conditions)
+            if reason:
+                previous.set_aside(f"notebooks/{path.name}")  # an earlier run's copy would claim it ran
+                print(f"== {path.name}: skipped ({reason})", flush=True)
+                continue
+            print(f"== {path.name}", flush=True)
+            current = path
+            set_aside_outputs(path, previous)
+            start = time.perf_counter()
+            run_notebook(path, out_dir, params)
+            (out_dir / f"{path.stem}.failed.ipynb").unlink(missing_ok=True)  # an earlier failure, now behind us
+            print(f"   {path.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    except BaseException as e:  # noqa: BLE001 (every way out is one line, and the finished run put back)
+        name = current.name if current else "the run"
+        failed = out_dir / f"{current.stem}.failed.ipynb" if current else None
+        interrupted = isinstance(e, KeyboardInterrupt) or getattr(e, "ename", "") == "KeyboardInterrupt"
+        if interrupted:
+            line = f"interrupted in {name}: rerun the same command to resume"
+        elif isinstance(e, DeadKernelError):
+            plan = run_dir / "memory_plan.txt"
+            estimate = f"; the memory plan's last estimate: {plan.read_text().strip()}" if plan.exists() else ""
+            line = (f"error: {name}: its kernel died (killed from outside; most often the out-of-memory killer: "
+                    f"lower batch_size or max_seq_length{estimate})")  # fmt: skip
+        elif isinstance(e, PapermillExecutionError):
+            line = (f"error: {name} failed: {e.ename}: {e.evalue.splitlines()[0] if e.evalue else ''} (the notebook "
+                    f"with its traceback: {failed})")  # fmt: skip
+        elif isinstance(e, OSError):
+            line = f"error: {name}: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        else:
+            line = f"error: {name}: {type(e).__name__}: {e}"
+        if previous.restore():
+            line += "; the last finished run's outputs are back in place"
+        print(line, file=sys.stderr, flush=True)
+        return 130 if interrupted else 2
+    previous.drop()
     print(summary(run_dir))
     return 0
 
@@ -245,4 +410,8 @@ def summary(run_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before any notebook started: nothing to put back
+        print("interrupted: nothing was run", file=sys.stderr)
+        sys.exit(130)

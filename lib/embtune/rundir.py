@@ -10,12 +10,13 @@ one may be reused.
       adapter/          03  LoRA weights
       finetuned/        03  the model as trained, when model/ is its slerp with the base
       model/            03  the fine-tuned embedder, a plain sentence-transformers folder
-      train_log.json    03  (and train_loss.png)
+      train_log.json    03  (and train_loss.png); memory_plan.txt, the memory plan's estimate
       mrl.json          04  (and mrl.png)
       metrics.json      05  (and report.md, metrics.png)
       reranker/         06  checkpoints/, adapter/, model/, train_log.json, metrics.json
       manifests/        what each artifact was made from (see below)
-      notebooks/        the executed notebooks of `make run-all`
+      notebooks/        the executed notebooks of `make run-all` (kernels.log: the kernels' own messages)
+      .previous/, .lock `make run-all`: the last finished run's outputs while this run rebuilds them; the run's lock
 
 A run directory never lies: each step writes a manifest (`manifests/<artifact>.json`: the fingerprints of the
 data and models it read, and the parameters that shape its output) and reuses an artifact (a checkpoint to
@@ -64,6 +65,7 @@ class RunDir:
         self.notebooks = self.root / "notebooks"
         self.manifests = self.root / "manifests"
         self.judged = self.root / "judged"
+        self.memory_plan = self.root / "memory_plan.txt"
 
     def __repr__(self):
         return f"RunDir({str(self.root)!r})"

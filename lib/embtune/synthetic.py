@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import Reuse, StepConfig
+from .config import POSITIVE, Reuse, Rule, StepConfig, at_least, between
 from .data import BeirData, normalize_text
 from .encode import corpus_embeddings, encode
 from .files import atomic_path, write_json
@@ -68,6 +68,15 @@ class SynthConfig(StepConfig, Reuse, PromptConfig):
     min_cosine: float | str | None = "auto"
     round_trip_k: int | None = 5  # the document must be in the base embedder's top k for its query
     judge_min_score: int | None = None  # LLM-as-judge: keep queries it rates at least this (1-5)
+
+    RULES = {"max_documents": Rule(lambda v: v == "auto" or (not isinstance(v, str) and v >= 1),
+                                   '"auto", None (every document) or a number of at least 1'),
+             "batch_size": at_least(1), "concurrency": at_least(1), "timeout": POSITIVE, "max_retries": at_least(0),
+             "max_total_tokens": at_least(1), "temperature": at_least(0), "max_new_tokens": at_least(1),
+             "min_chars": at_least(0), "max_chars": at_least(1),
+             "min_cosine": Rule(lambda v: v == "auto" or (not isinstance(v, str) and -1 <= v <= 1),
+                                '"auto", None (off) or a cosine from -1 to 1'),
+             "round_trip_k": at_least(1), "judge_min_score": between(1, 5)}  # fmt: skip
 
 
 def cosine_floor(config: SynthConfig) -> float | None:

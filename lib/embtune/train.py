@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DevSplit, Reuse, StepConfig, TrainingData
+from .config import POSITIVE, STEPS, DevSplit, Reuse, Rule, StepConfig, TrainingData, at_least, between, each, one_of
 from .data import BeirData, TrainingLabels, load_beir, split_train_dev, training_labels
 from .encode import query_prompt
-from .files import replace_dir, write_json
+from .files import replace_dir, write_json, write_text
 from .lora import LoraOptions, Plan, compute_dtype, finish, load_embedder_for_training, plan
-from .losses import build_loss
+from .losses import LOSSES, build_loss
 from .rundir import (
     RunDir,
     check_outputs,
@@ -76,6 +76,15 @@ class TrainConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     merge_with_base: float | str = "auto"
     merge_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
+    RULES = {"loss": one_of("auto", *LOSSES), "temperature": POSITIVE, "matryoshka_dims": each(at_least(1)),
+             "mini_batch_size": at_least(1), "max_negatives": at_least(0), "max_seq_length": at_least(8),
+             "batch_size": at_least(1), "epochs": POSITIVE, "max_steps": STEPS, "learning_rate": POSITIVE,
+             "warmup_ratio": between(0, 1, high_open=True), "eval_steps": at_least(1), "eval_corpus_size": at_least(1),
+             "merge_dtype": one_of("auto", "bfloat16", "float16", "float32"),
+             "merge_with_base": Rule(lambda v: v == "auto" or (not isinstance(v, str) and 0 <= v <= 1),
+                                     '"auto" or a number from 0 (the base) to 1 (as trained)'),
+             "merge_grid": each(between(0, 1))}  # fmt: skip
+
 
 def load_for_training(config: TrainConfig):
     """(model, plan): the base model ready to train, quantised and with LoRA as planned."""
@@ -97,6 +106,7 @@ def fit_memory(config: TrainConfig, dataset) -> TrainConfig:
     path = resolve(config.base_model)
     memory = plan_memory(config, path, plan(config, path), dataset)
     print(memory, flush=True)
+    write_text(RunDir(config.run_dir).memory_plan, f"{memory}\n")  # what `make run-all` quotes if the kernel dies
     if memory.device == "cpu" and memory.mini_batch_size is not None:
         return_freed_blocks()  # the cached loss's freed mini-batch activations would stay resident
     return memory.apply(config)
@@ -311,11 +321,10 @@ def save_outputs(training: Training, seconds: float) -> dict:
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
-        "eval_curve": [
-            {"step": h["step"], "ndcg@10": h["eval_dev_cosine_ndcg@10"]}
-            for h in trainer.state.log_history
-            if "eval_dev_cosine_ndcg@10" in h
-        ],
+        # one point per step: a resumed run evaluates again at the step it resumed from
+        "eval_curve": [{"step": step, "ndcg@10": value} for step, value in {
+            h["step"]: h["eval_dev_cosine_ndcg@10"] for h in trainer.state.log_history
+            if "eval_dev_cosine_ndcg@10" in h}.items()],  # fmt: skip
     }
     if not trainer.is_world_process_zero():
         return log
@@ -535,4 +544,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    train(parse_args(sys.argv[1:]))
+    from .config import OptionError
+
+    try:
+        config = parse_args(sys.argv[1:])
+    except OptionError as e:
+        sys.exit(f"error: {e}")
+    train(config)
