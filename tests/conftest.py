@@ -44,14 +44,35 @@ def minilm(minilm_path):
 
 
 @pytest.fixture(scope="session")
-def pydocs_minilm(minilm, minilm_path, tmp_path_factory):
-    """(data, run dir, document embeddings): pydocs embedded once by MiniLM, cached in the run directory as the
-    notebooks cache it; `with_cache` copies that cache into a test's own run directory."""
+def shared(tmp_path_factory):
+    """A folder every pytest-xdist worker of this session shares, and `once(name, make)`: `make(path)` run by the
+    first worker to ask, the others waiting for it (an flock), so a costly fixture is made once per session."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    def once(name: str, make) -> Path:
+        path = folder / name
+        with open(folder / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                make(path)
+        return path
+
+    return once
+
+
+@pytest.fixture(scope="session")
+def pydocs_minilm(minilm, minilm_path, shared):
+    """(data, run dir, document embeddings): pydocs embedded once by MiniLM (once per session, for every worker),
+    cached in the run directory as the notebooks cache it; `with_cache` copies that cache into a test's own run
+    directory."""
     from embtune.data import DEFAULT_DOC_TEMPLATE, load_beir
     from embtune.encode import corpus_embeddings
 
     data = load_beir(SAMPLES / "pydocs")
-    run = tmp_path_factory.mktemp("pydocs-minilm")
+    run = shared("pydocs-minilm", lambda path: corpus_embeddings(minilm, minilm_path, data, path, DEFAULT_DOC_TEMPLATE))
     return data, run, corpus_embeddings(minilm, minilm_path, data, run, DEFAULT_DOC_TEMPLATE)
 
 

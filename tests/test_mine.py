@@ -58,7 +58,7 @@ def test_copies_of_the_positive_and_labelled_positives_are_never_negatives(plant
 
 
 @pytest.fixture(scope="module")
-def several_positives(tmp_path_factory, minilm_path):
+def several_positives(tmp_path_factory, minilm_path, shared):
     """pydocs, where 30 training queries get two more labelled positives: the two documents plain
     sentence-transformers ranks highest for them among those not labelled (so, unless excluded, the first
     negatives a miner would pick). The oracle is the TSV written here, not the library."""
@@ -75,7 +75,11 @@ def several_positives(tmp_path_factory, minilm_path):
     queries = {json.loads(x)["_id"]: json.loads(x)["text"] for x in (folder / "queries.jsonl").read_text().splitlines()}
     corpus = [json.loads(x) for x in (folder / "corpus.jsonl").read_text().splitlines()]
     model = SentenceTransformer(minilm_path, device="cpu")
-    doc_emb = model.encode([f"{d['title']} {d['text']}".strip() for d in corpus], normalize_embeddings=True)
+
+    def encode_corpus(path):
+        np.save(path, model.encode([f"{d['title']} {d['text']}".strip() for d in corpus], normalize_embeddings=True))
+
+    doc_emb = np.load(shared("pydocs-minilm-plain.npy", encode_corpus))
     chosen = sorted(positives)[:30]
     query_emb = model.encode([queries[q] for q in chosen], normalize_embeddings=True)
     for q, qe in zip(chosen, query_emb, strict=True):

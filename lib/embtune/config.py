@@ -108,8 +108,7 @@ class StepConfig:
     doc_template: str = DEFAULT_DOC_TEMPLATE
     seed: int = 42
 
-    RULES = {"doc_template": Rule(lambda v: "{text}" in v, 'a template holding "{text}" (and "{title}" if you like)'),
-             "data_dir": Rule(bool, "a folder"), "run_dir": Rule(bool, "a folder"), "base_model": Rule(bool, "a model")}
+    RULES = {"doc_template": Rule(lambda v: "{text}" in v, 'a template holding "{text}" (and "{title}" if you like)')}
 
     def __post_init__(self):
         check_options(self)
