@@ -302,9 +302,10 @@ def test_freed_mini_batch_blocks_go_back_to_the_os_once_return_freed_blocks_is_s
 
 
 FIT_MEMORY = """
+import tempfile
 from embtune.train import TrainConfig, fit_memory
 rows = {{"anchor": ["a question"] * 8, "positive": ["an answer to it"] * 8}}
-config = TrainConfig(base_model={model!r}, data_dir="-", run_dir="-", batch_size=8, full_finetune=False,
+config = TrainConfig(base_model={model!r}, data_dir="-", run_dir=tempfile.mkdtemp(), batch_size=8, full_finetune=False,
                      loss={loss!r}, mini_batch_size={mini})
 assert (fit_memory(config, rows).mini_batch_size is None) == ({mini} is None)
 """
