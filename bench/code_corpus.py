@@ -35,8 +35,8 @@ from common import DOCS, in_own_process, markdown_table, minilm_path, report, sa
 
 SEQ = 256
 SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages"}
-COLUMNS = ["generator", "ndcg@10", "shipped - base", "t chosen on dev", "mrr@10", "recall@100", "ndcg@10 as trained",
-           "documents",
+COLUMNS = ["generator", "ndcg@10", "shipped - base", "t chosen on dev", "dev: trained against base", "mrr@10",
+           "recall@100", "ndcg@10 as trained", "documents",
            "kept", "with a pair", "kept by form", "generate_s", "train_s"]  # fmt: skip
 
 
@@ -129,7 +129,16 @@ def one(system: str, data_dir: Path, max_steps: int) -> dict:
         finetuned = log["finetuned_model"]
         trained = test_scores(load_embedder(finetuned), finetuned, data_dir, run_dir)["ndcg@10"]
     return {**row, **scores, "ndcg@10 as trained": trained, "train_s": log["seconds"], "steps": log["steps"],
-            "t chosen on dev": log["merge_with_base"]}  # fmt: skip
+            "t chosen on dev": log["merge_with_base"], "dev: trained against base": dev_verdict(log)}  # fmt: skip
+
+
+def dev_verdict(log: dict) -> str:
+    """The dev split's evidence for the choice: NDCG@10 of the base (t = 0) and of the model as trained (t = 1),
+    and the one-sided paired t-test's p that the trained model beats the base."""
+    row = {p["t"]: p for p in log.get("merge_curve", [])}
+    if 0.0 not in row or 1.0 not in row:
+        return ""
+    return f"{row[0.0]['ndcg@10']:.4f} → {row[1.0]['ndcg@10']:.4f} (p = {row[1.0]['p_vs_base']:.2f})"
 
 
 def main():
@@ -187,7 +196,9 @@ def save(rows: list[dict], settings: dict) -> None:
         "not in the documents). For each generator notebook 01 writes pairs for every document with its default "
         f"filters (round trip top 5), then notebook 03's default recipe (max {SEQ} tokens, batch 32, 3 epochs{steps}, "
         "no mined negatives) trains on them, and the dev split chooses the slerp of base (t = 0) and trained model "
-        "(t = 1) that ships (`t chosen on dev`). `with a pair`: the share of documents with at least one kept pair; "
+        "(t = 1) that ships (`t chosen on dev`; `dev: trained against base`: their dev NDCG@10 and the one-sided "
+        "paired t-test's p, which must be under 0.05 for the trained model to ship). `with a pair`: the share of "
+        "documents with at least one kept pair; "
         "`kept by form`: kept / made queries by the piece they were cut from. `ndcg@10 as trained` is the model "
         "before the merge. Goal: shipped - base ≥ 0 NDCG@10 for every generator, ≥ +0.02 for the best.\n\n"
         + markdown_table(rows, COLUMNS)
