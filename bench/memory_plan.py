@@ -148,7 +148,7 @@ def planned(config, path: str, budget_gb: float | None = None):
         chosen = memory.plan_memory(open_config, path, how, dataset, available=budget_gb * 1e9 - resident,
                                     resident=resident, runtime=runtime, shape=shape, loss="auto")  # fmt: skip
         return chosen.apply(config), chosen, chosen.estimate
-    lengths = memory.padded_lengths(path, dataset, config.batch_size, config.max_seq_length,
+    lengths = memory.padded_lengths(path, dataset, config.max_seq_length,
                                     {"anchor": memory.folder_prompt(path, config.instruction)})  # fmt: skip
     setting = memory.setting_for(shape, how, config.batch_size, lengths, config, "cpu")
     setting = dataclasses.replace(

@@ -210,3 +210,24 @@ def test_the_training_command_line_says_a_bad_value_in_one_line(tmp_path):
         "error: loss='qwen4' is not allowed: expected one of 'auto', 'qwen3', 'cached_qwen3', 'mnrl', 'cached_mnrl', "
         "'triplet'"]  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_windows_line_ends_and_a_path_with_spaces_and_cjk_load_and_utf16_is_one_line(tmp_path):
+    """Cases that worked when the hostile review tried them, kept working: CRLF files in a folder named with
+    spaces and Chinese load as their LF twins; a UTF-16 file (Windows Notepad's "Unicode") is refused in one line
+    naming the file, the line and the fix."""
+    from conftest import write_beir
+    from embtune.data import DataError, load_beir
+
+    plain = load_beir(write_beir(tmp_path / "plain"), limits="off")
+    folder = write_beir(tmp_path / "我的 数据 (v2)")
+    for path in (folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / "test.tsv"):
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    crlf = load_beir(folder, limits="off")
+    assert (crlf.corpus, crlf.queries, crlf.qrels) == (plain.corpus, plain.queries, plain.qrels)
+    queries = folder / "queries.jsonl"
+    queries.write_bytes(queries.read_text(encoding="utf-8").encode("utf-16"))
+    with pytest.raises(DataError) as raised:
+        load_beir(folder, limits="off")
+    assert str(raised.value) == (f"{queries}:1: bytes that are not UTF-8 (invalid start byte at byte 0). Fix: "
+                                 "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)")  # fmt: skip

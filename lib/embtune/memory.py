@@ -83,7 +83,7 @@ class ModelShape:
         c = getattr(c, "text_config", None) or c
         heads = c.num_attention_heads
         hidden = c.hidden_size
-        dtype = str(c.dtype or "float32").removeprefix("torch.")  # transformers 5 reads an old torch_dtype into it
+        dtype = str(c.dtype).removeprefix("torch.")  # transformers 5 reads an old torch_dtype into it
         return cls(
             layers=c.num_hidden_layers,
             hidden=hidden,
@@ -93,7 +93,7 @@ class ModelShape:
             head_dim=getattr(c, "head_dim", None) or hidden // heads,
             vocab=c.vocab_size,
             n_params=n_params if n_params is not None else count_params(str(path)),
-            dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+            dtype_bytes=DTYPE_BYTES.get(dtype, 4),  # none given: float32
             gated_mlp=hasattr(c, "num_key_value_heads"),  # decoders (Qwen, Llama, Mistral...) have a gated MLP
             qk_norm="qwen3" in str(getattr(c, "model_type", "")),
             attention_dropout=float(getattr(c, "attention_probs_dropout_prob", None)
@@ -339,7 +339,7 @@ def text_columns(dataset) -> list[dict[str, list[str]]]:
     return [{c: d[c] for c in d.column_names} for d in sets]
 
 
-def padded_lengths(path: str | Path, dataset, batch_size: int, max_seq_length: int,
+def padded_lengths(path: str | Path, dataset, max_seq_length: int,
                    prompts: dict[str, str] | None = None, sample: int = 2000, seed: int = 0,
                    tokenizer=None) -> tuple[int, ...]:  # fmt: skip
     """Tokens per column of the longest batch, as padding makes them: the longest text of each column (of a seeded
@@ -388,6 +388,11 @@ def return_freed_blocks(threshold: int = 2**20) -> bool:
 # what there is, and the decision
 
 
+# (limit, usage) of this process's cgroup, v2 then v1: the first one readable decides
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def available_memory(device: str = "cpu") -> tuple[float, float]:
     """(bytes this process may still grow by, bytes it holds now). CPU: free RAM (psutil's `available`), within a
     cgroup's limit when there is one (containers, Colab); the process's resident memory. GPU: free device memory
@@ -403,12 +408,10 @@ def available_memory(device: str = "cpu") -> tuple[float, float]:
     import psutil
 
     available = float(psutil.virtual_memory().available)
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+    for limit_file, usage_file in CGROUP_FILES:
         try:
             limit = Path(limit_file).read_text().strip()
-            if limit != "max" and int(limit) < 2**60:
+            if limit != "max":  # cgroup v1 writes its "no limit" as a huge number, which min() leaves aside
                 available = min(available, int(limit) - int(Path(usage_file).read_text()))
             break
         except (OSError, ValueError):
@@ -420,11 +423,9 @@ def available_memory(device: str = "cpu") -> tuple[float, float]:
 class MemoryRequest:
     """What the user asked for; None (and loss "auto") leave the choice to the plan."""
 
-    batch_size: int
     loss: str = "auto"  # auto: qwen3, or cached_qwen3 when memory needs it | any name of embtune.losses.LOSSES
     gradient_checkpointing: bool | None = None
     mini_batch_size: int | None = None
-    max_seq_length: int = 512
     default_loss: str = "qwen3"  # what "auto" means when memory allows
 
 
@@ -546,18 +547,18 @@ def _what_fits(shape, base: Setting, request: MemoryRequest, budget, available, 
     if not cache_ok and cached_name and fits(mini_batch_size=1):
         tries.append(f"loss={cached_name!r}")
     b = base.batch_size // 2
-    while b >= 1 and not fits(batch_size=b, mini_batch_size=mini and min(mini, b)):
+    while b >= 1 and not fits(batch_size=b):  # a mini-batch above the batch is the batch (activation_bytes)
         b //= 2
     if b >= 1:
         tries.append(f"batch_size={b}")
-    n = 2 ** (max(base.lengths).bit_length() - 1)
-    n = n // 2 if n == max(base.lengths) else n
+    n = 2 ** ((max(base.lengths) - 1).bit_length() - 1)  # the power of two below the longest column
     while n >= 16 and not fits(lengths=tuple(min(x, n) for x in base.lengths)):
         n //= 2
     if n >= 16:
         tries.append(f"max_seq_length={n}")
+    # 4-bit on a CPU computes and trains in float32 (setting_for), whatever the checkpoint's dtype
     if not base.full_finetune and base.quant == "none" and base.device == "cpu" and fits(
-            quant="4bit", weight_bytes=4, activation_bytes=4, trainable_bytes=4):  # fmt: skip
+            quant="4bit", activation_bytes=4, trainable_bytes=4):  # fmt: skip
         tries.append('quant="4bit"')
     if base.device == "cpu":
         tries.append("a GPU")
@@ -583,9 +584,7 @@ def setting_for(shape: ModelShape, lora_plan, batch_size: int, lengths: tuple[in
         weight = DTYPE_BYTES[str(asked).removeprefix("torch.")] if asked else shape.dtype_bytes
         activation = 2 if lora_plan.precision in ("bf16", "fp16") else weight
         trainable = weight
-    targets = (
-        tuple(options.target_modules) if options is not None and getattr(options, "target_modules", None) else None
-    )
+    targets = tuple(getattr(options, "target_modules", None) or ()) or None  # None: every projection
     return Setting(
         batch_size=batch_size,
         lengths=tuple(lengths),
@@ -596,7 +595,7 @@ def setting_for(shape: ModelShape, lora_plan, batch_size: int, lengths: tuple[in
         trainable_bytes=trainable,
         lora_r=lora_plan.lora_r,
         lora_targets=targets,
-        lora_dropout=getattr(options, "lora_dropout", 0.05) if options is not None else 0.05,
+        lora_dropout=getattr(options, "lora_dropout", 0.05),
         device=device,
     )
 
@@ -604,29 +603,24 @@ def setting_for(shape: ModelShape, lora_plan, batch_size: int, lengths: tuple[in
 def plan_memory(config, path: str | Path, lora_plan, dataset, prompts: dict[str, str] | None = None,
                 available: float | None = None, resident: float | None = None, runtime: float | None = None,
                 shape: ModelShape | None = None, loss: str | None = None) -> MemoryPlan:  # fmt: skip
-    """The memory plan for a TrainConfig-like `config` (batch_size, max_seq_length, gradient_checkpointing, loss,
-    mini_batch_size, lora_r, lora_dropout, target_modules) on the model at `path`, planned by `embtune.lora.plan`
-    (`lora_plan`), and the training `dataset`. `available`/`resident` (bytes) default to this machine's; `runtime`
-    to the process's resident memory (at least RUNTIME_CPU on a CPU). `loss`: overrides config.loss ("auto": the
-    plan may switch qwen3 to cached_qwen3). Call it before loading any weight; raises NotEnoughMemory."""
+    """The memory plan for a TrainConfig `config` (batch_size, max_seq_length, gradient_checkpointing, loss,
+    mini_batch_size, instruction, merge_with_base, lora_r, lora_dropout, target_modules) on the model at `path`, planned
+    by `embtune.lora.plan` (`lora_plan`), and the training `dataset`. `available`/`resident` (bytes) default to this
+    machine's; `runtime` to the process's resident memory (at least RUNTIME_CPU on a CPU). `loss`: overrides config.loss
+    ("auto": the plan may switch qwen3 to cached_qwen3). Call it before loading any weight; raises NotEnoughMemory."""
     device = "cpu" if lora_plan.precision == "fp32" else "cuda"
     shape = shape or ModelShape.from_config(_transformer_folder(Path(path)), n_params=lora_plan.n_params)
     if prompts is None:
-        prompts = {"anchor": folder_prompt(path, getattr(config, "instruction", None))}
-    lengths = padded_lengths(path, dataset, config.batch_size, config.max_seq_length, prompts)
+        prompts = {"anchor": folder_prompt(path, config.instruction)}
+    lengths = padded_lengths(path, dataset, config.max_seq_length, prompts)
     if available is None or resident is None:
         free, held = available_memory(device)
         available = free if available is None else available
         resident = held if resident is None else resident
     if runtime is None:
         runtime = max(resident, RUNTIME_CPU) if device == "cpu" else resident + CUDA_CONTEXT * (resident == 0)
-    request = MemoryRequest(
-        batch_size=config.batch_size,
-        loss=loss or config.loss,
-        gradient_checkpointing=config.gradient_checkpointing,
-        mini_batch_size=getattr(config, "mini_batch_size", None),
-        max_seq_length=config.max_seq_length,
-    )
+    request = MemoryRequest(loss=loss or config.loss, gradient_checkpointing=config.gradient_checkpointing,
+                            mini_batch_size=config.mini_batch_size)  # fmt: skip
     base = dataclasses.replace(setting_for(shape, lora_plan, config.batch_size, lengths, config, device),
-                               merge_choice=getattr(config, "merge_with_base", "auto") == "auto")  # fmt: skip
+                               merge_choice=config.merge_with_base == "auto")  # fmt: skip
     return decide(shape, base, request, available, resident, runtime)
