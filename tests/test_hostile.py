@@ -231,3 +231,15 @@ def test_windows_line_ends_and_a_path_with_spaces_and_cjk_load_and_utf16_is_one_
         load_beir(folder, limits="off")
     assert str(raised.value) == (f"{queries}:1: bytes that are not UTF-8 (invalid start byte at byte 0). Fix: "
                                  "re-encode the file as UTF-8 (e.g. `iconv -f <encoding> -t utf-8`)")  # fmt: skip
+
+
+def test_the_option_mixins_check_themselves_when_used_alone():
+    """LoraOptions and PromptConfig are also built alone (the benchmarks, `lora.plan`): the same check, one line."""
+    from embtune.config import OptionError
+    from embtune.generators import PromptConfig
+    from embtune.lora import LoraOptions
+
+    with pytest.raises(OptionError, match=r"^quant='3bit' is not allowed: expected one of 'auto', '4bit', '8bit', "):
+        LoraOptions(quant="3bit")
+    with pytest.raises(OptionError, match=r"^query_types=\['essay'\] is not allowed: expected a list of which each "):
+        PromptConfig(query_types=["essay"])

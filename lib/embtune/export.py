@@ -64,7 +64,6 @@ class ExportConfig(StepConfig):
     rerank_url: str | None = None  # a running /rerank (TEI, Cohere-style) or /score (vLLM) endpoint to check
     batch_size: int = 16  # texts per request / forward pass in the parity check
 
-
     RULES = {"formats": each(one_of(*FORMATS)), "gguf_outtype": one_of("f32", "f16", "bf16", "q8_0"),
              "batch_size": at_least(1)}
 

@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .config import at_least, each, one_of
+from .config import at_least, check_options, each, one_of
 from .data import spaceless
 
 UNSUPERVISED = ("ict", "crop", "prose")
@@ -52,14 +52,13 @@ class PromptConfig:
     language: str = SAME_LANGUAGE
     max_doc_chars: int = 4000  # the document is cut here in the prompt
 
-
     RULES = {"queries_per_doc": at_least(1), "query_types": each(one_of(*QUERY_TYPES)), "max_doc_chars": at_least(1)}
+
+    def __post_init__(self):  # alone; inside SynthConfig, StepConfig's check comes first
+        check_options(self)
 
 
 def build_prompt(document: str, config: PromptConfig, rng: random.Random) -> str:
-    unknown = set(config.query_types) - set(QUERY_TYPES)
-    if unknown:
-        raise GeneratorError(f"unknown query types {sorted(unknown)}; pick from {list(QUERY_TYPES)}")
     kind, words = QUERY_TYPES[rng.choice(config.query_types)]
     n = config.queries_per_doc
     return (

@@ -255,7 +255,6 @@ class JudgeConfig(StepConfig):
     bm25_stopwords: str | None = "en"  # None for languages without an English-like stop-word list
     batch_size: int = 32
 
-
     RULES = {"max_queries": at_least(1), "pool_k": at_least(1), "judge": one_of("person", "llm"),
              "dev_share": between(0, 1), "min_kappa": between(-1, 1), "batch_size": at_least(1)}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import POSITIVE, at_least, between, one_of
+from .config import POSITIVE, at_least, between, check_options, one_of
 
 QWEN_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL_MODEL_PARAMS = 300_000_000  # below this, full fine-tuning fits anywhere and LoRA only costs quality
@@ -36,6 +36,9 @@ class LoraOptions:
 
     RULES = {"backend": one_of(*BACKENDS), "quant": one_of(*QUANTS),
              "lora_r": at_least(1), "lora_alpha": POSITIVE, "lora_dropout": between(0, 1, high_open=True)}
+
+    def __post_init__(self):  # alone (the benchmarks); inside a step's config, StepConfig's check comes first
+        check_options(self)
 
 
 @dataclass
@@ -117,10 +120,6 @@ def plan(options: LoraOptions, path: str, kind: str = "embedder", n_params: int 
     `kind`: "embedder", or a reranker's "causal_lm" or "cross_encoder". unsloth on a CUDA GPU (FastSentenceTransformer
     for the embedder, FastLanguageModel for a causal-LM reranker, which also runs in unsloth's CPU fallback when
     forced), sentence-transformers + peft elsewhere and for cross-encoders."""
-    if options.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {options.backend!r}")
-    if options.quant not in QUANTS:
-        raise ValueError(f"quant must be one of {', '.join(QUANTS)}, not {options.quant!r}")
     capability = cuda_capability() if capability == "detect" else capability
     n_params = n_params if n_params is not None else count_params(path)
     full = options.full_finetune if options.full_finetune is not None else n_params < SMALL_MODEL_PARAMS

@@ -39,7 +39,6 @@ class MineConfig(StepConfig, Reuse, TrainingData):
     bm25_stopwords: str | None = "en"  # None for languages bm25s has no stop-word list for
     batch_size: int = 32
 
-
     RULES = {"candidates": one_of("dense", "bm25", "both"), "num_negatives": at_least(1), "range_min": at_least(0),
              "range_max": at_least(1), "sampling": one_of("top", "random"), "relative_margin": POSITIVE,
              "reranker_threshold": between(0, 1), "near_duplicate": between(0, 1, low_open=True),

@@ -33,7 +33,6 @@ class MrlConfig(StepConfig):
     rescore_multiplier: int = 4  # int8/binary + rescore: fetch 4 x 100 candidates, re-rank with the float query
     batch_size: int = 32
 
-
     RULES = {"split": one_of("test", "dev"), "dims": each(at_least(1)), "tolerance": at_least(0),
              "doc_counts": each(at_least(1)), "rescore_multiplier": at_least(1), "batch_size": at_least(1)}
 

@@ -48,7 +48,6 @@ class RerankConfig(StepConfig, Reuse, TrainingData, DevSplit, LoraOptions):
     rerank_max_length: int = 1024  # tokens of instruction + query + document a reranker reads when scoring
     split: str | None = None  # evaluation split; None: "test", else "dev"
 
-
     RULES = {"max_negatives": at_least(0), "max_length": at_least(16), "batch_size": at_least(1), "epochs": POSITIVE,
              "max_steps": STEPS, "learning_rate": POSITIVE, "warmup_ratio": between(0, 1, high_open=True),
              "save_steps": at_least(1), "rerank_top_k": at_least(1), "rerank_max_length": at_least(16),

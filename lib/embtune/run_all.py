@@ -83,7 +83,7 @@ def preflight(args: argparse.Namespace) -> tuple[dict, dict[str, bool]]:
     return params, conditions
 
 
-def check_options(path: Path, params: dict) -> None:
+def check_parameters(path: Path, params: dict) -> None:
     """Build the notebook's step config (its metadata `embtune.config`) from its parameters cell's defaults and this
     run's values, which checks every value (embtune.config.check_options): OptionError before any notebook runs."""
     import importlib
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for path in paths:
         try:
-            check_options(path, params)
+            check_parameters(path, params)
         except OptionError as e:
             print(f"error: {e} (a parameter of {path.name}); nothing was run", file=sys.stderr)
             return 2
