@@ -244,13 +244,15 @@ def test_every_notebook_has_the_same_setup_cell_and_it_installs_from_this_reposi
 
 
 def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, minilm_path):
-    """A run directory holding model/ (here the real MiniLM, recorded as notebook 03 records what it trained) is
-    scored against the base model."""
+    """A run directory holding model/ (here a copy of the real MiniLM, recorded as notebook 03 records what it
+    trained) is scored against the base model; the model card goes into the run's model/, never into the installed
+    MiniLM (a symlinked model/ once wrote through to it)."""
     from embtune.rundir import RunDir, data_fingerprint, make_manifest, model_fingerprint
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "model").symlink_to(minilm_path)
+    shutil.copytree(minilm_path, run / "model")
+    installed = {p: p.read_bytes() for p in Path(minilm_path).rglob("*") if p.is_file()}
     made_from = {"data": data_fingerprint(SAMPLES / "pydocs"), "base_model": model_fingerprint(tiny_embedding)}
     RunDir(run).record("model", make_manifest(made_from, {}))
     pm.execute_notebook(str(ROOT / "notebooks" / "05_evaluate.ipynb"), str(tmp_path / "out.ipynb"),
@@ -268,6 +270,8 @@ def test_notebook_05_compares_finetuned_with_base(tmp_path, tiny_embedding, mini
     assert set(probe) == {"accuracy", "precision", "recall", "f1"}
     assert probe["accuracy"] > metrics["tasks"]["base"]["classification"]["accuracy"]
     assert "finetuned | " in (run / "report.md").read_text()
+    assert (run / "model" / "README.md").read_text().startswith("---\nbase_model: ")
+    assert {p: p.read_bytes() for p in Path(minilm_path).rglob("*") if p.is_file()} == installed
 
 
 def test_run_all_without_labels_judges_queries_trains_on_synthetic_ones_and_proves_it_on_the_judged(
